@@ -1,0 +1,152 @@
+"""Hospital node: trains and evaluates the received global model on the site's own ROI store.
+
+Replies carry only the model's floating-point arrays and aggregate metrics (counts, loss,
+accuracy, confusion matrix, per-class score histograms): never pixels, patient keys, file
+names or per-sample scores.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from sklearn.metrics import confusion_matrix
+
+from pneumofed.common import training
+from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
+from pneumofed.common.config import FederatedConfig
+from pneumofed.common.metrics import ScoreHistogram
+from pneumofed.common.models import build_model
+from pneumofed.common.site import SiteData, load_site
+from pneumofed.common.weights import exchanged_state, load_exchanged_state
+
+app = ClientApp()
+
+
+def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
+    if "site-name" in node_config:
+        return str(node_config["site-name"])
+    return _site_path(node_config, config).name
+
+
+def _site_path(node_config: Mapping[str, Any], config: FederatedConfig) -> Path:
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"]))
+    if "partition-id" in node_config and config.site_paths:
+        partition = int(node_config["partition-id"])
+        if partition >= len(config.site_paths):
+            raise ValueError(f"simulated node {partition} has no site: run config lists {len(config.site_paths)}")
+        return config.site_paths[partition]
+    raise ValueError("this node has no data: set node config `data-path` to its ROI store (absolute path)")
+
+
+def _site_seed(run_seed: int, server_round: int, name: str) -> int:
+    # Stable across processes (unlike hash()), so a resumed run retraces the same rounds.
+    return (run_seed * 1_000_003 + server_round * 7_919 + zlib.crc32(name.encode())) % 2**31
+
+
+def _load(node_config: Mapping[str, Any], config: FederatedConfig) -> tuple[SiteData, Any]:
+    site = load_site(_site_path(node_config, config), config.seed)
+    index = site.store.index
+    if list(index.class_names) != config.classes or index.roi_size != config.roi_size:
+        raise ValueError(
+            f"this site's ROI store ({index.roi_size} px, classes {list(index.class_names)}) does not match the "
+            f"run ({config.roi_size} px, classes {config.classes}): re-run `pneumofed prepare` with matching settings"
+        )
+    model = build_model(config.model, site.num_classes, in_channels=1, width=config.model_width)
+    return site, model
+
+
+def train_locally(
+    arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> RecordDict:
+    """One round of local training from the global `arrays`; returns the reply content."""
+    config = FederatedConfig.from_run_config(run_config)
+    site, model = _load(node_config, config)
+    load_exchanged_state(model, arrays.to_torch_state_dict())
+    server_round = int(instruction["server-round"])
+    train_config = training.TrainConfig(
+        epochs=int(instruction.get("local-epochs", config.local_epochs)),
+        learning_rate=float(instruction.get("learning-rate", config.learning_rate)),
+        batch_size=config.batch_size,
+        class_weighting=config.class_weighting,
+        seed=_site_seed(config.seed, server_round, site_name(node_config, config)),
+        progress=False,
+    )
+    augment = build_augmentation(DEFAULT_AUGMENTATION) if config.augment else None
+    history = training.train(
+        model,
+        site.train,
+        train_config,
+        augment=augment,
+        proximal_mu=float(instruction.get("proximal-mu", 0.0)),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(site.train),
+            "train-loss": float(history.loss[-1]),
+            "train-accuracy": float(history.accuracy[-1]),
+        }
+    )
+    return RecordDict({"arrays": ArrayRecord(exchanged_state(model)), "metrics": metrics})
+
+
+def evaluate_locally(
+    arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> RecordDict:
+    """Evaluate the global `arrays` on this site's validation (or, when asked, test) part."""
+    config = FederatedConfig.from_run_config(run_config)
+    site, model = _load(node_config, config)
+    load_exchanged_state(model, arrays.to_torch_state_dict())
+    data = site.part(str(instruction.get("split", "val")))
+    result = training.evaluate(
+        model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)
+    )
+    histogram = ScoreHistogram.from_scores(result.labels, result.probs)
+    confusion = _confusion(result.labels, result.probs.argmax(axis=1), site.num_classes)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data),
+            "eval-loss": float(result.loss),
+            "eval-accuracy": float(result.accuracy),
+            "confusion": confusion,
+            **histogram.to_flat(),
+        }
+    )
+    return RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site_name(node_config, config)})})
+
+
+def _confusion(labels: Any, predictions: Any, num_classes: int) -> list[int]:
+    return [int(v) for v in confusion_matrix(labels, predictions, labels=list(range(num_classes))).ravel()]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    content = train_locally(msg.content["arrays"], msg.content["config"], context.run_config, context.node_config)
+    _audit(context, msg, content)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    content = evaluate_locally(msg.content["arrays"], msg.content["config"], context.run_config, context.node_config)
+    _audit(context, msg, content)
+    return Message(content=content, reply_to=msg)
+
+
+def _audit(context: Context, msg: Message, content: RecordDict) -> None:
+    if "audit-log" not in context.node_config:
+        return
+    from pneumofed.deploy.audit import append_reply_audit
+
+    append_reply_audit(
+        Path(str(context.node_config["audit-log"])),
+        run_id=context.run_id,
+        server_round=int(msg.content["config"]["server-round"]),
+        kind=msg.metadata.message_type,
+        content=content,
+    )

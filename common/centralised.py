@@ -1,0 +1,349 @@
+"""``pneumofed train``: the centralised baseline, one model trained on the pooled ROI stores.
+
+Two protocols, both split by patient:
+
+* hold-out (default): 70/20/10 train/val/test as federated sites split their own data; the epoch
+  with the best validation macro AUC is kept and tested once.
+* ``--folds k``: k-fold cross-validation as in the seed paper, reported as per-fold test metrics
+  and their mean and standard deviation. Each fold keeps a fifth of its training patients for
+  validation so the best epoch is chosen without looking at the fold's test patients.
+
+Patient keys are pseudonyms local to a site (HMACs under each site's own secret), so keys are
+prefixed with the store's position before pooling: two sites can never merge two patients.
+
+Outputs (``--out``; one ``fold-NN/`` folder per fold in k-fold mode):
+  history.json, history.csv   per-epoch train/val loss and accuracy, val macro AUC
+  curves.png                  loss, accuracy and AUC per epoch (the seed's Figs 4-5)
+  model.pt                    the best epoch as a pneumofed model file
+  test_metrics.json, test_roc.png, test_confusion.png
+  cv_summary.json             k-fold only: per-fold metrics, mean and sd
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import Tensor
+from torch.utils.data import Subset, TensorDataset
+
+from pneumofed.common.augment import DEFAULT_AUGMENTATION, AugmentationConfig, build_augmentation
+from pneumofed.common.evaluate import DEFAULT_BOOTSTRAP, summarise, write_summary
+from pneumofed.common.metrics import classification_report
+from pneumofed.common.modelfile import ModelCard, save_model_file
+from pneumofed.common.models import MODEL_NAMES, build_model
+from pneumofed.common.plots import plot_curves
+from pneumofed.common.roistore import RoiStore
+from pneumofed.common.splits import patient_kfold, train_val_test_split
+from pneumofed.common.training import TrainConfig, TrainHistory, evaluate, seed_everything, train
+
+HOLDOUT_FRACTIONS = (0.7, 0.2, 0.1)
+INNER_VAL_FRACTIONS = (0.8, 0.2, 0.0)  # k-fold: validation patients carved from each fold's training part
+SUMMARY_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_auc")
+
+
+class CentralisedSettings(BaseModel):
+    """What ``train_centralised`` does; ``training`` holds the seed's defaults (Adam 1e-4, 30 epochs, batch 16)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out_dir: Path
+    model: str = "shufflenet_v2_eca"
+    width: float = 1.0
+    training: TrainConfig = TrainConfig()
+    augmentation: AugmentationConfig | None = DEFAULT_AUGMENTATION  # None: no augmentation
+    folds: int | None = Field(None, ge=2)  # None: 70/20/10 hold-out
+    split_seed: int = Field(0, ge=0)
+    bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=1)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> CentralisedSettings:
+        with torch.device("meta"):  # no weights allocated: only build_model's checks of name and width matter
+            build_model(self.model, width=self.width)
+        return self
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """One trained model: its per-epoch history, best epoch and test metrics (see ``evaluate.summarise``)."""
+
+    out_dir: Path
+    model_path: Path
+    best_epoch: int  # 1-based
+    history: list[dict[str, float | None]]
+    test: dict[str, Any]
+    train_patients: frozenset[str]
+    val_patients: frozenset[str]
+    test_patients: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CentralisedResult:
+    out_dir: Path
+    folds: list[FoldResult]  # one in hold-out mode
+    summary: dict[str, Any]  # hold-out: the test metrics; k-fold: per-fold metrics with mean and sd
+
+    @property
+    def model_path(self) -> Path:
+        if len(self.folds) != 1:
+            raise AttributeError("k-fold training has one model per fold: use folds[i].model_path")
+        return self.folds[0].model_path
+
+
+@dataclass(frozen=True)
+class PooledStores:
+    """ROIs of several stores with the same settings; patient keys made distinct across stores."""
+
+    images: Tensor  # uint8 (N, 1, S, S)
+    labels: Tensor  # int64 (N,)
+    patient_keys: np.ndarray  # str (N,): "<store position>:<site pseudonym>"
+    roi_size: int
+    spacing_mm: float | None
+    class_names: list[str]
+
+    @classmethod
+    def open(cls, paths: list[Path]) -> PooledStores:
+        if not paths:
+            raise ValueError("at least one ROI store is needed")
+        stores = [RoiStore.open(path) for path in paths]
+        first = stores[0].index
+        for store in stores[1:]:
+            settings = (store.index.roi_size, store.index.spacing_mm, store.index.class_names)
+            if settings != (first.roi_size, first.spacing_mm, first.class_names):
+                raise ValueError(
+                    f"stores differ: {stores[0].path} has roi_size={first.roi_size}, spacing_mm={first.spacing_mm}, "
+                    f"classes={list(first.class_names)}; {store.path} has roi_size={settings[0]}, "
+                    f"spacing_mm={settings[1]}, classes={list(settings[2])}"
+                )
+        keys = [f"{position}:{key}" for position, store in enumerate(stores) for key in store.patient_keys]
+        return cls(
+            images=torch.cat([store.images for store in stores]),
+            labels=torch.cat([store.labels for store in stores]),
+            patient_keys=np.asarray(keys),
+            roi_size=first.roi_size,
+            spacing_mm=first.spacing_mm,
+            class_names=list(first.class_names),
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> Subset:
+        return Subset(_Uint8Rois(self.images, self.labels), indices.tolist())
+
+
+class _Uint8Rois(TensorDataset):
+    """Stored uint8 ROIs served as ``(float32 (1, S, S) in [0, 1], int label)`` like ``RoiDataset``.
+
+    A TensorDataset so the training loop reads labels straight from the tensor for class weights.
+    """
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        return self.tensors[0][item].float().div_(255.0), int(self.tensors[1][item])
+
+
+def train_centralised(stores: list[Path], settings: CentralisedSettings) -> CentralisedResult:
+    """Train on the pooled stores with the settings' protocol and write the outputs to ``settings.out_dir``."""
+    data = PooledStores.open([Path(store) for store in stores])
+    labels = data.labels.numpy()
+    out = settings.out_dir
+    if settings.folds is None:
+        parts = train_val_test_split(labels, data.patient_keys, HOLDOUT_FRACTIONS, seed=settings.split_seed)
+        fold = _train_one(data, parts, settings, out, title="centralised")
+        return CentralisedResult(out, [fold], fold.test)
+
+    results = []
+    for number, (train_part, test_part) in enumerate(
+        patient_kfold(labels, data.patient_keys, settings.folds, seed=settings.split_seed), start=1
+    ):
+        inner_train, inner_val, _ = train_val_test_split(
+            labels[train_part], data.patient_keys[train_part], INNER_VAL_FRACTIONS, seed=settings.split_seed
+        )
+        parts = (train_part[inner_train], train_part[inner_val], test_part)
+        title = f"centralised, fold {number} of {settings.folds}"
+        results.append(_train_one(data, parts, settings, out / f"fold-{number:02d}", title=title))
+    summary = _cross_validation_summary(results)
+    _write_json(out / "cv_summary.json", summary)
+    return CentralisedResult(out, results, summary)
+
+
+def _train_one(
+    data: PooledStores,
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray],
+    settings: CentralisedSettings,
+    out: Path,
+    title: str,
+) -> FoldResult:
+    train_idx, val_idx, test_idx = parts
+    for name, part in zip(("train", "val", "test"), parts, strict=True):
+        if len(part) == 0:
+            raise ValueError(f"the {name} part is empty: too few patients for this protocol")
+    train_set, val_set, test_set = (data.subset(part) for part in parts)
+    seed_everything(settings.training.seed)  # weight initialisation repeats with the seed
+    model = build_model(settings.model, len(data.class_names), width=settings.width)
+    augment = None if settings.augmentation is None else build_augmentation(settings.augmentation)
+
+    history: list[dict[str, float | None]] = []
+    best: dict[str, Any] = {"key": (-math.inf, -math.inf)}
+
+    def validate(epoch: int, trained: TrainHistory) -> None:
+        evaluation = evaluate(model, val_set, settings.training)
+        macro_auc = classification_report(evaluation.labels, evaluation.probs, data.class_names).macro_auc
+        history.append({
+            "epoch": epoch + 1,
+            "train loss": trained.loss[-1],
+            "train accuracy": trained.accuracy[-1],
+            "val loss": evaluation.loss,
+            "val accuracy": evaluation.accuracy,
+            "val auc": macro_auc,
+        })
+        # Best validation macro AUC; lower validation loss breaks ties and decides when AUC is undefined.
+        key = (-math.inf if macro_auc is None else macro_auc, -evaluation.loss)
+        if key > best["key"]:
+            best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
+
+    train(model, train_set, settings.training, augment=augment, on_epoch_end=validate)
+    model.load_state_dict(best["state"])
+
+    card = ModelCard(
+        model=settings.model,
+        width=settings.width,
+        class_names=data.class_names,
+        roi_size=data.roi_size,
+        spacing_mm=data.spacing_mm,
+        provenance={
+            "trainer": "centralised",
+            "epoch": best["epoch"],
+            "val_macro_auc": history[best["epoch"] - 1]["val auc"],
+            "seed": settings.training.seed,
+        },
+    )
+    model_path = save_model_file(out / "model.pt", model, card)
+    _write_history(out, history, title)
+
+    evaluation = evaluate(model, test_set, settings.training)
+    test, report = summarise(
+        evaluation.labels, evaluation.probs, data.class_names,
+        loss=evaluation.loss, n_boot=settings.bootstrap, seed=settings.training.seed,
+    )
+    test = {"split": "test", "best-epoch": best["epoch"], **test}
+    test["outputs"] = write_summary(out, test, report, f"{title}, test (epoch {best['epoch']})", prefix="test_")
+    keys = data.patient_keys
+    return FoldResult(
+        out_dir=out,
+        model_path=model_path,
+        best_epoch=best["epoch"],
+        history=history,
+        test=test,
+        train_patients=frozenset(keys[train_idx]),
+        val_patients=frozenset(keys[val_idx]),
+        test_patients=frozenset(keys[test_idx]),
+    )
+
+
+def _write_history(out: Path, history: list[dict[str, float | None]], title: str) -> None:
+    _write_json(out / "history.json", history)
+    with (out / "history.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    series = {name: [row[name] for row in history] for name in history[0] if name != "epoch"}
+    plot_curves(out / "curves.png", [row["epoch"] for row in history], series, "epoch", title)
+
+
+def _cross_validation_summary(folds: list[FoldResult]) -> dict[str, Any]:
+    per_fold = [
+        {"fold": number, "best-epoch": fold.best_epoch, "num-examples": fold.test["num-examples"],
+         **{name: fold.test[name] for name in SUMMARY_METRICS},
+         **{f"auc {c['name']}": c["auc"] for c in fold.test["per_class"]}}
+        for number, fold in enumerate(folds, start=1)
+    ]
+    summary: dict[str, Any] = {"folds": per_fold}
+    for name in per_fold[0]:
+        if name in ("fold", "best-epoch", "num-examples"):
+            continue
+        values = [row[name] for row in per_fold if row[name] is not None]
+        # Sample sd (ddof=1), as cross-validation results are usually reported.
+        summary[name] = {
+            "mean": float(np.mean(values)) if values else None,
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "folds-defined": len(values),
+        }
+    return summary
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, allow_nan=False))
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, action="append", required=True,
+                        help="prepared ROI store; repeat to pool several sites")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="shufflenet_v2_eca")
+    parser.add_argument("--width", type=float, default=1.0, help="ShuffleNet width multiplier (0.5, 1.0, 1.5, 2.0)")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="k-fold cross-validation by patient (e.g. 10); default: 70/20/10 hold-out")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--class-weighting", action="store_true", help="inverse-frequency class weights in the loss")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="online augmentation with the seven ops of the seed's Table 4 (default on)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = CentralisedSettings(
+            out_dir=args.out,
+            model=args.model,
+            width=args.width,
+            training=TrainConfig(
+                epochs=args.epochs,
+                learning_rate=args.lr,
+                batch_size=args.batch_size,
+                weight_decay=args.weight_decay,
+                class_weighting=args.class_weighting,
+                seed=args.seed,
+                device=args.device,
+            ),
+            augmentation=DEFAULT_AUGMENTATION if args.augment else None,
+            folds=args.folds,
+            split_seed=args.seed,
+            bootstrap=args.bootstrap,
+        )
+        result = train_centralised(args.store, settings)
+    except ValidationError as error:
+        print(f"pneumofed train: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"pneumofed train: error: {error}", file=sys.stderr)
+        return 2
+    summary = result.summary
+    if settings.folds is None:
+        auc = summary["macro_auc"]
+        print(f"best epoch {result.folds[0].best_epoch}: test accuracy {summary['accuracy']:.3f}, "
+              f"macro AUC {'undefined' if auc is None else f'{auc:.3f}'}; model {result.model_path}")
+    else:
+        for name in SUMMARY_METRICS:
+            stats = summary[name]
+            if stats["mean"] is not None:
+                sd = "" if stats["sd"] is None else f" ± {stats['sd']:.3f}"
+                print(f"{name}: {stats['mean']:.3f}{sd} over {stats['folds-defined']} folds")
+    print(f"written to {settings.out_dir}")
+    return 0

@@ -1,0 +1,86 @@
+"""The federated run configuration, validated once where it enters (Flower's run config)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pneumofed.common.models import MODEL_NAMES
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
+
+
+class FederatedConfig(BaseModel):
+    """Typed view of `[tool.flwr.app.config]` plus `flwr run --run-config` overrides.
+
+    Keys keep Flower's hyphenated spelling on the wire; attributes use underscores.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    num_server_rounds: int = Field(3, ge=1, alias="num-server-rounds")
+    local_epochs: int = Field(1, ge=1, alias="local-epochs")
+    strategy: StrategyName = "fedavg"
+    model: str = "shufflenet_v2_eca"
+    class_names: str = Field("nodule,interstitial,emphysema", alias="class-names")
+    roi_size: int = Field(64, ge=16, alias="roi-size")
+    model_width: float = Field(1.0, alias="model-width")
+    batch_size: int = Field(16, ge=1, alias="batch-size")
+    learning_rate: float = Field(1e-4, gt=0, alias="learning-rate")
+    class_weighting: bool = Field(False, alias="class-weighting")
+    augment: bool = True
+    fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train")
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate")
+    min_nodes: int = Field(1, ge=1, alias="min-nodes")
+    proximal_mu: float = Field(0.01, ge=0, alias="proximal-mu")
+    server_learning_rate: float = Field(1e-3, gt=0, alias="server-learning-rate")
+    server_momentum: float = Field(0.9, ge=0, lt=1, alias="server-momentum")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, alias="trim-beta")
+    krum_malicious: int = Field(0, ge=0, alias="krum-malicious")
+    max_update_ratio: float = Field(10.0, gt=0, alias="max-update-ratio")
+    seed: int = 0
+    sites: str = ""
+    run_dir: str = Field("", alias="run-dir")
+    resume: bool = False
+    round_timeout: float = Field(3600.0, gt=0, alias="round-timeout")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        return name
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, run_dir: str) -> str:
+        # Each Flower message may run in a fresh process with another working directory.
+        if run_dir and not Path(run_dir).is_absolute():
+            raise ValueError(f"run-dir must be an absolute path, got {run_dir!r}")
+        return run_dir
+
+    @model_validator(mode="after")
+    def _sites_are_absolute(self) -> FederatedConfig:
+        for site in self.site_paths:
+            if not site.is_absolute():
+                raise ValueError(f"every entry of sites must be an absolute path, got {str(site)!r}")
+        return self
+
+    @property
+    def classes(self) -> list[str]:
+        return [name.strip() for name in self.class_names.split(",") if name.strip()]
+
+    @property
+    def site_paths(self) -> list[Path]:
+        """ROI stores of the simulated sites, in partition order (simulation only)."""
+        return [Path(part) for part in self.sites.split(",") if part.strip()]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederatedConfig:
+        return cls.model_validate(dict(run_config))
+
+    def to_run_config(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)

@@ -1,0 +1,96 @@
+"""``pneumofed predict``: class probabilities for one box of one DICOM radiograph, as JSON on stdout.
+
+The ROI is cut by the very function ``pneumofed prepare`` uses (square around the box centre,
+antialiased resize to the model card's ROI size, optional resampling to its spacing, uint8
+quantisation), so a prediction sees exactly what training and evaluation saw for that box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pneumofed.common.modelfile import load_model_file
+from pneumofed.common.prepare import MIN_ROI_SIDE, Box
+
+# Private to prepare, imported rather than copied: predictions must cut ROIs exactly as prepare does.
+from pneumofed.common.prepare import _cut_rois as cut_rois  # noqa: PLC2701
+from pneumofed.common.prepare import _stored_shape as stored_shape  # noqa: PLC2701
+from pneumofed.common.training import select_device
+
+
+class PredictionError(ValueError):
+    """The input cannot be predicted on (unreadable file, box outside the image or too small)."""
+
+
+def parse_box(text: str) -> Box:
+    """``x,y,w,h`` in stored-pixel coordinates."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"box must be four integers x,y,w,h, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def predict(
+    model_path: str | Path, dicom_path: str | Path, box: Box | None = None, *, device: str = "auto"
+) -> dict[str, Any]:
+    """Softmax probabilities of the model for ``box`` (default: the whole image) of ``dicom_path``."""
+    dicom_path = Path(dicom_path)
+    if not dicom_path.is_file():
+        raise PredictionError(f"no file at {dicom_path}")
+    model, card = load_model_file(model_path, device=select_device(device))
+    if box is None:
+        try:
+            rows, columns = stored_shape(dicom_path)
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for foreign files
+            raise PredictionError(f"{dicom_path} is not a readable DICOM file: {error}") from error
+        box = (0, 0, columns, rows)
+    x, y, width, height = box
+    if width < MIN_ROI_SIDE or height < MIN_ROI_SIDE:
+        raise PredictionError(f"box {width}x{height} px is smaller than the minimum {MIN_ROI_SIDE}x{MIN_ROI_SIDE} px")
+    if x < 0 or y < 0:
+        raise PredictionError(f"box {box} starts outside the image")
+
+    cut = cut_rois(dicom_path, [box], card.roi_size, card.spacing_mm)
+    if cut.rejected is not None:
+        reason, detail = cut.rejected
+        raise PredictionError(f"{dicom_path} cannot be used ({reason}): {detail}")
+    if not cut.inside[0]:
+        rows, columns = cut.image_shape
+        raise PredictionError(f"box {box} does not fit the {columns}x{rows} image")
+
+    image = torch.from_numpy(cut.rois[:1]).float().div_(255.0)[:, None]  # (1, 1, S, S) as RoiDataset serves it
+    with torch.inference_mode():
+        probs = model(image.to(next(model.parameters()).device)).double().softmax(dim=1)[0].cpu()
+    return {
+        "probabilities": {name: float(p) for name, p in zip(card.class_names, probs, strict=True)},
+        "predicted": card.class_names[int(probs.argmax())],
+        "model": str(model_path),
+        "box": list(box),
+    }
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="pneumofed model file")
+    parser.add_argument("dicom", type=Path, help="one DICOM radiograph")
+    parser.add_argument("--box", type=parse_box, default=None,
+                        help=f"x,y,w,h in stored pixels, each side >= {MIN_ROI_SIDE} (default: the whole image)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = predict(args.model, args.dicom, args.box, device=args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # PredictionError is a ValueError
+        print(f"pneumofed predict: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0

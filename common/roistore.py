@@ -1,0 +1,192 @@
+"""The site-local ROI store: a validated index plus uint8 pixel shards, loaded into memory once.
+
+Layout of a store folder (written by ``pneumofed prepare``)::
+
+    index.json               RoiIndex: settings, class names, one RoiRecord per ROI
+    pixels/<sha256>.npy      uint8 (k, S, S): the k ROIs cut from the source file with that SHA-256
+
+The store is pseudonymous: a record knows its source only by content hash and its patient only by
+an HMAC of the PatientID under a secret that never leaves the site. It holds no names, dates,
+accession numbers, institution names, UIDs or file names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+PIXELS_DIR = "pixels"
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class RoiRecord(BaseModel):
+    """One region of interest. ``box`` is (x, y, width, height) in the source file's stored pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    roi_id: str
+    source_sha256: str = Field(pattern=_HEX64)
+    row: int = Field(ge=0)
+    label: int = Field(ge=0)
+    finding: str
+    patient_key: str = Field(pattern=_HEX64)
+    box: tuple[int, int, int, int]
+    image_shape: tuple[int, int]  # (height, width) of the source image, so boxes can be re-checked
+
+
+class RoiIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = FORMAT_VERSION
+    roi_size: int = Field(ge=8)
+    spacing_mm: float | None = Field(default=None, gt=0)
+    class_names: tuple[str, ...] = Field(min_length=1)
+    # HMAC of a fixed message under the site secret: tells a later run whether the secret changed
+    # (then every patient key must be recomputed) without revealing anything about the secret.
+    secret_check: str = Field(pattern=_HEX64)
+    records: tuple[RoiRecord, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoiIndex:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"unsupported store format {self.format_version}; re-run `pneumofed prepare`")
+        seen: set[tuple[str, int]] = set()
+        for record in self.records:
+            if record.label >= len(self.class_names) or self.class_names[record.label] != record.finding:
+                raise ValueError(f"ROI {record.roi_id}: label {record.label} does not name {record.finding!r}")
+            if (record.source_sha256, record.row) in seen:
+                raise ValueError(f"ROI {record.roi_id}: shard row used twice")
+            seen.add((record.source_sha256, record.row))
+        return self
+
+
+def shard_path(store_dir: Path, source_sha256: str) -> Path:
+    return store_dir / PIXELS_DIR / f"{source_sha256}.npy"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder + os.replace, so readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_shard(store_dir: Path, source_sha256: str, rois: np.ndarray) -> None:
+    if rois.dtype != np.uint8 or rois.ndim != 3:
+        raise ValueError(f"a shard is uint8 (k, S, S), got {rois.dtype} {rois.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, rois, allow_pickle=False)
+    atomic_write_bytes(shard_path(store_dir, source_sha256), buffer.getvalue())
+
+
+def write_index(store_dir: Path, index: RoiIndex) -> None:
+    atomic_write_bytes(store_dir / INDEX_FILE, index.model_dump_json(indent=1).encode())
+
+
+def read_index(store_dir: Path) -> RoiIndex:
+    path = Path(store_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no ROI store at {store_dir} (missing {INDEX_FILE}): run `pneumofed prepare`")
+    return RoiIndex.model_validate_json(path.read_bytes())
+
+
+class RoiStore:
+    """All ROIs of one store in memory: ``images`` uint8 (N, 1, S, S), ``labels`` int64 (N,)."""
+
+    def __init__(self, path: Path, index: RoiIndex, images: Tensor) -> None:
+        self.path = path
+        self.index = index
+        self.images = images
+        self.labels = torch.tensor([r.label for r in index.records], dtype=torch.int64)
+        self.patient_keys = [r.patient_key for r in index.records]
+
+    @classmethod
+    def open(cls, path: str | Path) -> RoiStore:
+        path = Path(path)
+        index = read_index(path)
+        size = index.roi_size
+        images = torch.empty((len(index.records), 1, size, size), dtype=torch.uint8)
+        shards: dict[str, np.ndarray] = {}
+        for i, record in enumerate(index.records):
+            shard = shards.get(record.source_sha256)
+            if shard is None:
+                shard = shards[record.source_sha256] = _load_shard(path, record.source_sha256, size)
+            if record.row >= len(shard):
+                raise ValueError(f"ROI {record.roi_id}: row {record.row} beyond its shard of {len(shard)}")
+            images[i, 0] = torch.from_numpy(shard[record.row])
+        return cls(path, index, images)
+
+    def __len__(self) -> int:
+        return len(self.index.records)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.index.class_names
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
+        return dict(zip(self.class_names, counts, strict=True))
+
+
+def _load_shard(store_dir: Path, source_sha256: str, size: int) -> np.ndarray:
+    path = shard_path(store_dir, source_sha256)
+    if not path.is_file():
+        raise FileNotFoundError(f"ROI store {store_dir} is incomplete: missing {path.name}; re-run `pneumofed prepare`")
+    shard = np.load(path, allow_pickle=False)
+    if shard.dtype != np.uint8 or shard.ndim != 3 or shard.shape[1:] != (size, size):
+        raise ValueError(f"shard {path.name} is {shard.dtype} {shard.shape}, expected uint8 (k, {size}, {size})")
+    return shard
+
+
+class RoiDataset(Dataset):
+    """Items ``(float32 (1, S, S) in [0, 1], int label)`` indexed straight out of the preloaded store."""
+
+    def __init__(self, store: RoiStore, indices: Sequence[int] | np.ndarray | Tensor | None = None) -> None:
+        self.store = store
+        selected = torch.arange(len(store)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        if selected.ndim != 1:
+            raise ValueError("indices must be one-dimensional")
+        if len(selected) and (int(selected.min()) < 0 or int(selected.max()) >= len(store)):
+            raise IndexError(f"indices must lie in [0, {len(store)})")
+        self.indices = selected
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.store.labels[self.indices]
+
+    @property
+    def patient_keys(self) -> list[str]:
+        return [self.store.patient_keys[i] for i in self.indices.tolist()]
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        i = int(self.indices[item])
+        return self.store.images[i].float().div_(255.0), int(self.store.labels[i])
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[Tensor, int]]:
+        # DataLoader's batched fetch: one gather and one conversion per batch instead of per item.
+        rows = self.indices[torch.as_tensor(items, dtype=torch.int64)]
+        images = self.store.images[rows].float().div_(255.0)
+        return list(zip(images, self.store.labels[rows].tolist(), strict=True))

@@ -1,0 +1,208 @@
+"""A federated run's directory: resolved config, metrics per round, models, plots, resume state.
+
+Layout (all under the run directory):
+  config.json               resolved run configuration
+  metrics.json, metrics.csv one record per completed round (pooled and per-site evaluation)
+  models/round-NNN.pt       the global model after every round (pneumofed model files)
+  models/best.pt            the round with the best pooled macro AUC on the sites' validation parts
+  final.json                the best model evaluated once on the sites' test parts
+  plots/*.png               loss/accuracy/AUC per round, pooled ROC per class, confusion matrix
+  state/checkpoint.pt       what `--resume` needs: last round, global arrays, optimiser state
+  audit.jsonl               the run audit: starts, each round's participants and global model digest, end
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from pneumofed.common.config import FederatedConfig
+from pneumofed.common.metrics import ClassificationReport
+from pneumofed.common.modelfile import ModelCard, save_model_file
+from pneumofed.common.models import build_model
+from pneumofed.common.plots import plot_confusion, plot_curves, plot_roc
+from pneumofed.common.weights import load_exchanged_state
+from pneumofed.deploy.audit import append_run_audit
+from pneumofed.server.strategy import PooledEvaluation
+
+# Settings that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"num_server_rounds", "resume", "round_timeout", "run_dir"}
+
+
+class RunDirectory:
+    def __init__(self, path: Path, config: FederatedConfig, flower_run_id: int) -> None:
+        self.path = path
+        self.config = config
+        self.flower_run_id = flower_run_id
+        self.history: list[dict[str, Any]] = []
+        self.completed_rounds = 0
+        self.global_arrays: ArrayRecord | None = None
+        self.optimiser_state: dict[str, Any] = {}
+        self.best_round: int | None = None
+        self.best_macro_auc = float("-inf")
+
+    @classmethod
+    def open(cls, config: FederatedConfig, flower_run_id: int) -> RunDirectory:
+        path = Path(config.run_dir) if config.run_dir else Path.home() / "pneumofed-runs" / f"run-{flower_run_id}"
+        run = cls(path, config, flower_run_id)
+        checkpoint = path / "state" / "checkpoint.pt"
+        if config.resume:
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
+            run._restore(checkpoint)
+        elif checkpoint.exists():
+            raise FileExistsError(
+                f"{path} already holds a run; resume it (resume=true) or choose another run-dir"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json(path / "config.json", config.to_run_config() | {"flower-run-id": flower_run_id})
+        run.audit("run-resumed" if config.resume else "run-started", details={"completed-rounds": run.completed_rounds})
+        return run
+
+    def audit(self, event: str, **fields: Any) -> None:
+        append_run_audit(self.path / "audit.jsonl", run_id=self.flower_run_id, event=event, **fields)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = FederatedConfig.model_validate(state["config"])
+        changed = {
+            name
+            for name in FederatedConfig.model_fields
+            if getattr(saved, name) != getattr(self.config, name) and name not in RESUMABLE_CHANGES
+        }
+        if changed:
+            raise ValueError(f"cannot resume with different settings: {', '.join(sorted(changed))}")
+        self.completed_rounds = state["round"]
+        self.global_arrays = ArrayRecord(state["arrays"])
+        self.optimiser_state = state["optimiser_state"]
+        self.best_round, self.best_macro_auc = state["best_round"], state["best_macro_auc"]
+        self.history = json.loads((self.path / "metrics.json").read_text())[: self.completed_rounds]
+
+    def record_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        train_metrics: dict[str, float] | None,
+        evaluation: PooledEvaluation | None,
+        rejected_updates: list[dict[str, Any]],
+        optimiser_state: dict[str, Any],
+        participants: list[int],
+    ) -> None:
+        record: dict[str, Any] = {"round": server_round, **(train_metrics or {})}
+        record.pop("num-examples", None)
+        if evaluation is not None:
+            record.update(evaluation.summary())
+        record["rejected-updates"] = rejected_updates
+        self.history.append(record)
+
+        model_path = self.save_model(self.path / "models" / f"round-{server_round:03d}.pt", arrays, server_round)
+        macro = evaluation.report.macro_auc if evaluation is not None else None
+        if macro is not None and macro > self.best_macro_auc:
+            self.best_round, self.best_macro_auc = server_round, macro
+            _replace(model_path, self.path / "models" / "best.pt")
+        self._write_metrics()
+        self._plot_round(evaluation)
+        state = {
+            "config": self.config.model_dump(),
+            "round": server_round,
+            "arrays": arrays.to_torch_state_dict(),
+            "optimiser_state": optimiser_state,
+            "best_round": self.best_round,
+            "best_macro_auc": self.best_macro_auc,
+        }
+        (self.path / "state").mkdir(exist_ok=True)
+        partial = self.path / "state" / "checkpoint.pt.partial"
+        torch.save(state, partial)
+        os.replace(partial, self.path / "state" / "checkpoint.pt")
+        self.completed_rounds = server_round
+        self.audit("round", server_round=server_round, participants=participants, arrays=arrays,
+                   details={"rejected-updates": len(rejected_updates)})
+
+    def save_model(self, path: Path, arrays: ArrayRecord, server_round: int) -> Path:
+        model = build_model(self.config.model, len(self.config.classes), in_channels=1, width=self.config.model_width)
+        load_exchanged_state(model, arrays.to_torch_state_dict())
+        card = ModelCard(
+            model=self.config.model,
+            width=self.config.model_width,
+            class_names=self.config.classes,
+            roi_size=self.config.roi_size,
+            provenance={"strategy": self.config.strategy, "round": server_round, "run_dir": str(self.path)},
+        )
+        return save_model_file(path, model, card)
+
+    def best_arrays(self) -> ArrayRecord | None:
+        if self.best_round is None:
+            return None
+        payload = torch.load(self.path / "models" / "best.pt", map_location="cpu", weights_only=True)
+        return ArrayRecord(payload["state"])
+
+    def write_final(self, evaluation: PooledEvaluation) -> None:
+        summary = {"best-round": self.best_round, "split": "test", **evaluation.summary()}
+        _write_json(self.path / "final.json", summary)
+        self.audit("run-finished", details={"best-round": self.best_round})
+        report = evaluation.report
+        _plot_report_roc(self.path / "plots" / "roc_test.png", report, f"Pooled ROC on the sites' test parts (round {self.best_round})")
+        plot_confusion(self.path / "plots" / "confusion_test.png", report.confusion_matrix, report.class_names, "Test")
+
+    def _write_metrics(self) -> None:
+        _write_json(self.path / "metrics.json", self.history)
+        rows = [_flatten(record) for record in self.history]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        partial = self.path / "metrics.csv.partial"
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, self.path / "metrics.csv")
+
+    def _plot_round(self, evaluation: PooledEvaluation | None) -> None:
+        rounds = [record["round"] for record in self.history]
+        columns = {
+            "train loss": "train-loss",
+            "eval loss": "eval-loss",
+            "train accuracy": "train-accuracy",
+            "eval accuracy": "accuracy",
+            "pooled macro auc": "macro_auc",
+        }
+        series = {label: [record.get(key) for record in self.history] for label, key in columns.items()}
+        plot_curves(self.path / "plots" / "curves.png", rounds, series, "round", "Federated training")
+        if evaluation is not None:
+            report = evaluation.report
+            _plot_report_roc(self.path / "plots" / "roc.png", report, f"Pooled ROC per class (round {rounds[-1]})")
+            plot_confusion(self.path / "plots" / "confusion.png", report.confusion_matrix, report.class_names, f"Round {rounds[-1]}")
+
+
+def _plot_report_roc(path: Path, report: ClassificationReport, title: str) -> None:
+    curves = {c.name: (c.roc.fpr, c.roc.tpr) for c in report.per_class if c.roc is not None}
+    plot_roc(path, curves, {c.name: c.auc for c in report.per_class}, title)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def _replace(source: Path, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(source.read_bytes())
+    os.replace(partial, target)

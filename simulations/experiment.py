@@ -1,0 +1,546 @@
+"""`pneumofed experiment CONFIG.toml`: centralised vs federated vs local-only training, from one config.
+
+Two tables come out (Markdown and CSV, plus curves and per-arm ROC/confusion plots):
+
+* the seed's comparison (its Table 5): every configured model trained centrally on the pooled data
+  with patient-grouped k-fold cross-validation (`pneumofed train --folds k`); metrics of the pooled
+  out-of-fold predictions with bootstrap 95 % CIs, and the folds' mean +- sd of the macro AUC.
+* per partition of the data into simulated hospitals: pooled training on the union of the sites'
+  training parts, federated training with each strategy (a real Flower simulation), and each site
+  training alone. Every row is scored on the same held-out data: the union of the sites' test parts
+  (`load_site`, as the federated final evaluation). Per-sample scores of the federated model come
+  from evaluating its best.pt centrally on that union, which is legitimate in simulation (this
+  machine holds every simulated site), so federated rows get bootstrap CIs like the others.
+
+Each arm records its wall time and the peak resident memory of its whole process tree (Flower's
+SuperLink and Ray workers included). An arm whose outputs exist with identical settings is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import shutil
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import psutil
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch.utils.data import ConcatDataset, Dataset
+
+from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
+from pneumofed.common.centralised import CentralisedSettings, PooledStores, train_centralised
+from pneumofed.common.config import FederatedConfig, StrategyName
+from pneumofed.common.evaluate import summarise, write_summary
+from pneumofed.common.metrics import classification_report
+from pneumofed.common.modelfile import ModelCard, load_model_file, save_model_file
+from pneumofed.common.models import MODEL_NAMES, build_model
+from pneumofed.common.plots import plot_curves
+from pneumofed.common.roistore import RoiStore
+from pneumofed.common.site import SiteData, load_site
+from pneumofed.common.training import TrainConfig, TrainHistory, evaluate, seed_everything, train
+from pneumofed.simulations.flower import run_simulation
+from pneumofed.simulations.partition import PartitionConfig, partition_stores, prepare_natural_sites, site_summary
+from pneumofed.simulations.run import synthetic_sites
+
+# ------------------------------------------------------------------------------ configuration
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the natural sites come from: synthetic hospitals, a DICOM folder split by a header, or stores."""
+
+    kind: Literal["synthetic", "dicom", "stores"]
+    roi_size: int = Field(64, ge=16)
+    hospitals: int = Field(3, ge=1)  # synthetic
+    rois_per_hospital: int = Field(200, ge=10)  # synthetic
+    dicom_dir: Path | None = None  # dicom
+    annotations: Path | None = None  # dicom
+    site_header: str = "InstitutionName"  # dicom
+    stores: list[Path] = []  # stores
+
+    @model_validator(mode="after")
+    def _complete(self) -> DataConfig:
+        if self.kind == "dicom" and (self.dicom_dir is None or self.annotations is None):
+            raise ValueError("data of kind 'dicom' needs dicom_dir and annotations")
+        if self.kind == "stores" and not self.stores:
+            raise ValueError("data of kind 'stores' needs a non-empty stores list")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Local training shared by every arm: a federated site trains `local_epochs` per round with these."""
+
+    epochs: int = Field(5, ge=1)  # centralised and local-only
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    class_weighting: bool = False
+    augment: bool = True
+
+
+class CentralisedArm(_Strict):
+    models: list[str] = Field(["shufflenet_v2_eca"], min_length=1)
+    folds: int = Field(10, ge=2)
+
+    @model_validator(mode="after")
+    def _known(self) -> CentralisedArm:
+        unknown = sorted(set(self.models) - set(MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_NAMES)}")
+        return self
+
+
+class FederatedArm(_Strict):
+    strategies: list[StrategyName] = Field(["fedavg"], min_length=1)
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    run_config: dict[str, Any] = {}  # any other FederatedConfig key, hyphenated (e.g. "proximal-mu")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    bootstrap: int = Field(1000, ge=1)
+    # torch threads for in-process training: on a small shared CPU more threads than free cores
+    # slow small models down many times over (oversubscription); Ray workers get one CPU each.
+    threads: int = Field(1, ge=1)
+    model: str = "shufflenet_v2_eca"  # of the per-partition arms
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    centralised: CentralisedArm | None = None
+    federated: FederatedArm | None = None
+    pooled: bool = True
+    local: bool = True
+    partitions: dict[str, PartitionConfig] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
+        if (self.federated or self.pooled or self.local) and not self.partitions:
+            raise ValueError("pooled, federated and local arms need at least one [partitions.<name>] table")
+        for name in self.partitions:
+            if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"partition name {name!r} must be letters, digits, '-', '_' or '.'")
+        if self.federated:
+            reserved = {"sites", "run-dir", "strategy", "num-server-rounds", "local-epochs", "model", "seed"}
+            clash = sorted(reserved & set(self.federated.run_config))
+            if clash:
+                raise ValueError(f"federated.run_config may not set {clash}: the experiment sets them")
+            # Validate the extra keys now rather than minutes later inside the simulation.
+            FederatedConfig.model_validate({"model": self.model} | self.federated.run_config)
+        return self
+
+
+def load_config(path: Path) -> ExperimentConfig:
+    """Parse and validate a TOML file; relative paths in [data] are relative to the file's folder."""
+    raw = tomllib.loads(Path(path).read_text())
+    data = raw.get("data", {})
+    base = Path(path).resolve().parent
+    for key in ("dicom_dir", "annotations"):
+        if key in data:
+            data[key] = str((base / data[key]).resolve())
+    if "stores" in data:
+        data["stores"] = [str((base / s).resolve()) for s in data["stores"]]
+    return ExperimentConfig.model_validate(raw)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+class ProcessTreeMemory:
+    """Peak resident memory of this process, its descendants and the Flower SuperLink it launched.
+
+    `flwr run` detaches the SuperLink (which starts Ray), so it is not our descendant; it is found by
+    the FLWR_HOME of the `flwr run` children, which appears in the SuperLink's command line.
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> ProcessTreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _tree(self) -> dict[int, psutil.Process]:
+        me = psutil.Process()
+        found = {p.pid: p for p in [me, *me.children(recursive=True)]}
+        homes = set()
+        for process in list(found.values()):
+            try:
+                if "flwr" in " ".join(process.cmdline()):
+                    home = process.environ().get("FLWR_HOME")
+                    if home:
+                        homes.add(home)
+            except psutil.Error:
+                continue
+        if homes:
+            for process in psutil.process_iter(["cmdline"]):
+                cmdline = " ".join(process.info["cmdline"] or [])
+                if any(home in cmdline for home in homes):
+                    found |= {p.pid: p for p in [process, *process.children(recursive=True)]}
+        return found
+
+    def sample(self) -> None:
+        total = 0
+        for process in self._tree().values():
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak_bytes = max(self.peak_bytes, total)
+
+    def _sample_until_stopped(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval_s):
+                return
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+
+# ------------------------------------------------------------------------------ arms
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    name: str
+    group: str  # "centralised-cv" or a partition name
+    kind: str  # "centralised (k-fold)", "pooled", "federated", "local"
+    model: str
+    summary: dict[str, Any]  # `evaluate.summarise` of its test predictions
+    curve: list[tuple[float, float | None]]  # (epochs of training, validation macro AUC)
+    wall_s: float
+    peak_gib: float
+    extra: dict[str, Any]
+
+
+def _cached(arm_dir: Path, settings: dict[str, Any]) -> ArmResult | None:
+    path = arm_dir / "arm.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != json.loads(json.dumps(settings, default=str)):
+        return None
+    return ArmResult(**saved["result"])
+
+
+def _run_arm(arm_dir: Path, settings: dict[str, Any], work) -> ArmResult:
+    """Run `work() -> ArmResult` (wall time and memory measured) unless identical results exist."""
+    cached = _cached(arm_dir, settings)
+    if cached is not None:
+        print(f"[experiment] reusing {arm_dir}", flush=True)
+        return cached
+    print(f"[experiment] running {arm_dir} ...", flush=True)
+    started = time.perf_counter()
+    with ProcessTreeMemory() as memory:
+        result: ArmResult = work()
+    result = ArmResult(**{**result.__dict__, "wall_s": time.perf_counter() - started, "peak_gib": memory.peak_gib})
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    (arm_dir / "arm.json").write_text(
+        json.dumps({"settings": settings, "result": result.__dict__}, indent=1, default=str, allow_nan=False)
+    )
+    return result
+
+
+def _train_config(config: ExperimentConfig, seed: int) -> TrainConfig:
+    t = config.training
+    return TrainConfig(epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+                       class_weighting=t.class_weighting, seed=seed, progress=False)
+
+
+def fit_best_epoch(
+    model_name: str, train_set: Dataset, val_set: Dataset, class_names: list[str], settings: TrainConfig, augment: bool
+) -> tuple[Any, list[tuple[float, float | None]], int]:
+    """Train, keeping the epoch with the best validation macro AUC (lower loss breaks ties), as the
+    federated server keeps its best round. Returns (model, [(epoch, val macro AUC)], best epoch)."""
+    seed_everything(settings.seed)
+    model = build_model(model_name, len(class_names))
+    curve: list[tuple[float, float | None]] = []
+    best: dict[str, Any] = {"key": (-math.inf, -math.inf)}
+
+    def validate(epoch: int, _: TrainHistory) -> None:
+        result = evaluate(model, val_set, settings)
+        auc = classification_report(result.labels, result.probs, class_names).macro_auc
+        curve.append((epoch + 1, auc))
+        key = (-math.inf if auc is None else auc, -result.loss)
+        if key > best["key"]:
+            best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
+
+    train(model, train_set, settings, augment=build_augmentation(DEFAULT_AUGMENTATION) if augment else None,
+          on_epoch_end=validate)
+    model.load_state_dict(best["state"])
+    return model, curve, best["epoch"]
+
+
+def _scored(config: ExperimentConfig, model, test_set: Dataset, class_names: list[str], out: Path, title: str) -> dict[str, Any]:
+    result = evaluate(model, test_set, _train_config(config, config.seed).model_copy(update={"batch_size": 64}))
+    summary, report = summarise(result.labels, result.probs, class_names, loss=result.loss,
+                                n_boot=config.bootstrap, seed=config.seed)
+    summary["outputs"] = write_summary(out, summary, report, title, prefix="test_")
+    return summary
+
+
+def centralised_cv_arm(config: ExperimentConfig, stores: list[Path], model_name: str, out: Path) -> ArmResult:
+    """The seed's protocol via `train_centralised` (k-fold); scores are its pooled out-of-fold predictions."""
+    arm = config.centralised
+    settings = CentralisedSettings(
+        out_dir=out, model=model_name, training=_train_config(config, config.seed),
+        augmentation=DEFAULT_AUGMENTATION if config.training.augment else None,
+        folds=arm.folds, split_seed=config.seed, bootstrap=config.bootstrap,
+    )
+    result = train_centralised(stores, settings)
+    data = PooledStores.open(stores)
+    labels, probs = [], []
+    for fold in result.folds:
+        model, _ = load_model_file(fold.model_path)
+        test_idx = np.flatnonzero(np.isin(data.patient_keys, list(fold.test_patients)))
+        scored = evaluate(model, data.subset(test_idx), settings.training)
+        labels.append(scored.labels)
+        probs.append(scored.probs)
+    summary, report = summarise(np.concatenate(labels), np.concatenate(probs), data.class_names,
+                                n_boot=config.bootstrap, seed=config.seed)
+    summary["outputs"] = write_summary(out, summary, report, f"{model_name}, {arm.folds}-fold out-of-fold", prefix="oof_")
+    curve = [(row["epoch"], row["val auc"]) for row in result.folds[0].history]
+    fold_auc = result.summary["macro_auc"]
+    return ArmResult(f"{model_name}", "centralised-cv", f"centralised ({arm.folds}-fold CV)", model_name, summary, curve,
+                     0.0, 0.0, {"fold-macro-auc-mean": fold_auc["mean"], "fold-macro-auc-sd": fold_auc["sd"]})
+
+
+def pooled_arm(config: ExperimentConfig, sites: list[SiteData], test_set: Dataset, class_names: list[str], out: Path) -> ArmResult:
+    settings = _train_config(config, config.seed)
+    model, curve, best = fit_best_epoch(config.model, ConcatDataset([s.train for s in sites]),
+                                        ConcatDataset([s.val for s in sites]), class_names, settings, config.training.augment)
+    _save(out / "model.pt", model, config, class_names, {"trainer": "pooled", "epoch": best})
+    summary = _scored(config, model, test_set, class_names, out, f"pooled, epoch {best}")
+    return ArmResult("pooled", out.parent.name, "pooled", config.model, summary, curve, 0.0, 0.0, {"best-epoch": best})
+
+
+def local_arm(config: ExperimentConfig, site: SiteData, test_set: Dataset, class_names: list[str], out: Path) -> ArmResult:
+    settings = _train_config(config, config.seed)
+    model, curve, best = fit_best_epoch(config.model, site.train, site.val, class_names, settings, config.training.augment)
+    _save(out / "model.pt", model, config, class_names, {"trainer": "local", "epoch": best})
+    summary = _scored(config, model, test_set, class_names, out, f"{out.name}, epoch {best}")
+    return ArmResult(out.name, out.parent.name, "local", config.model, summary, curve, 0.0, 0.0,
+                     {"best-epoch": best, "train-rois": len(site.train)})
+
+
+def federated_arm(config: ExperimentConfig, strategy: str, site_paths: list[Path], test_set: Dataset,
+                  class_names: list[str], out: Path) -> ArmResult:
+    arm = config.federated
+    run_dir = out / "run"
+    if run_dir.exists():  # a stale or interrupted run: start afresh rather than resume other settings
+        shutil.rmtree(run_dir)
+    t = config.training
+    run_config = {
+        "num-server-rounds": arm.rounds, "local-epochs": arm.local_epochs, "strategy": strategy,
+        "model": config.model, "class-names": ",".join(class_names), "roi-size": config.data.roi_size,
+        "learning-rate": t.learning_rate, "batch-size": t.batch_size, "class-weighting": t.class_weighting,
+        "augment": t.augment, "seed": config.seed, "run-dir": str(run_dir.resolve()),
+    } | arm.run_config
+    FederatedConfig.from_run_config(run_config | {"sites": ",".join(map(str, site_paths))})
+    run_simulation(site_paths, run_config, cpus_per_client=1)  # Flower wants a whole number of CPUs
+    final = json.loads((run_dir / "final.json").read_text())
+    rounds = json.loads((run_dir / "metrics.json").read_text())
+    model, _ = load_model_file(run_dir / "models" / "best.pt")
+    summary = _scored(config, model, test_set, class_names, out, f"{strategy}, round {final['best-round']}")
+    # The federated final evaluation pooled the same test parts site by site: counts must agree.
+    agrees = summary["confusion_matrix"] == final["confusion_matrix"]
+    if not agrees:
+        print(f"[experiment] warning: {run_dir}: central re-evaluation of best.pt differs from final.json", flush=True)
+    curve = [(r["round"] * arm.local_epochs, r.get("macro_auc")) for r in rounds]
+    return ArmResult(strategy, out.parent.name, "federated", config.model, summary, curve, 0.0, 0.0,
+                     {"best-round": final["best-round"], "agrees-with-final-json": agrees,
+                      "federated-macro-auc": final["macro_auc"]})
+
+
+def _save(path: Path, model, config: ExperimentConfig, class_names: list[str], provenance: dict[str, Any]) -> None:
+    card = ModelCard(model=config.model, class_names=class_names, roi_size=config.data.roi_size, provenance=provenance)
+    save_model_file(path, model, card)
+
+
+# ------------------------------------------------------------------------------ orchestration
+
+
+def natural_sites(config: ExperimentConfig, data_dir: Path) -> list[Path]:
+    data = config.data
+    if data.kind == "synthetic":
+        return [p.resolve() for p in synthetic_sites(data_dir / "synthetic", data.hospitals, data.rois_per_hospital,
+                                                     data.roi_size, config.seed)]
+    if data.kind == "dicom":
+        return prepare_natural_sites(data.dicom_dir, data.annotations, data_dir / "natural", roi_size=data.roi_size,
+                                     tag=data.site_header)
+    stores = [p.resolve() for p in data.stores]
+    for store in stores:
+        if RoiStore.open(store).index.roi_size != data.roi_size:
+            raise ValueError(f"{store} does not hold {data.roi_size}-px ROIs (data.roi_size)")
+    return stores
+
+
+def run_experiment(config: ExperimentConfig, out: Path) -> list[ArmResult]:
+    out = out.resolve()
+    torch.set_num_threads(config.threads)
+    sources = natural_sites(config, out / "data")
+    results: list[ArmResult] = []
+    if config.centralised is not None:
+        for model_name in config.centralised.models:
+            arm_dir = out / "centralised-cv" / model_name
+            settings = {"arm": "cv", "model": model_name, "sources": sources, **_common_settings(config)}
+            results.append(_run_arm(arm_dir, settings, lambda m=model_name, d=arm_dir: centralised_cv_arm(config, sources, m, d)))
+
+    site_tables = {}
+    for name, partition in config.partitions.items():
+        site_paths = partition_stores(sources, partition, out / "data" / "partitions" / name)
+        site_tables[name] = site_summary(site_paths)
+        sites = [load_site(p, config.seed) for p in site_paths]
+        class_names = list(sites[0].store.class_names)
+        test_set = ConcatDataset([s.test for s in sites])
+        base = {"partition": partition.model_dump(), "sources": sources, **_common_settings(config)}
+        group = out / name
+        if config.pooled:
+            results.append(_run_arm(group / "pooled", {"arm": "pooled", **base},
+                                    lambda: pooled_arm(config, sites, test_set, class_names, group / "pooled")))
+        if config.federated is not None:
+            for strategy in config.federated.strategies:
+                arm_dir = group / f"federated-{strategy}"
+                settings = {"arm": "federated", "strategy": strategy, "federated": config.federated.model_dump(), **base}
+                results.append(_run_arm(arm_dir, settings, lambda s=strategy, d=arm_dir: federated_arm(
+                    config, s, site_paths, test_set, class_names, d)))
+        if config.local:
+            for site, path in zip(sites, site_paths, strict=True):
+                arm_dir = group / f"local-{path.name}"
+                results.append(_run_arm(arm_dir, {"arm": "local", "site": path.name, **base},
+                                        lambda s=site, d=arm_dir: local_arm(config, s, test_set, class_names, d)))
+        _plot_group(group / "curves.png", [r for r in results if r.group == name], name)
+    write_tables(out, config, results, site_tables)
+    return results
+
+
+def _common_settings(config: ExperimentConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "bootstrap": config.bootstrap, "model": config.model,
+            "data": config.data.model_dump(), "training": config.training.model_dump(),
+            "centralised": None if config.centralised is None else config.centralised.model_dump()}
+
+
+# ------------------------------------------------------------------------------ tables and curves
+
+
+def table_rows(results: list[ArmResult]) -> list[dict[str, Any]]:
+    """One flat row per arm: the seed's Table 5 columns plus per-class AUC with 95 % CI and cost."""
+    rows = []
+    for r in results:
+        s = r.summary
+        row = {"group": r.group, "arm": r.kind, "name": r.name, "model": r.model, "test-rois": s["num-examples"],
+               "accuracy": s["accuracy"], "precision": s["macro_precision"], "recall": s["macro_recall"],
+               "f1": s["macro_f1"]}
+        for c in s["per_class"]:
+            ci = s["auc-ci"][c["name"]] or [None, None]
+            row |= {f"auc {c['name']}": c["auc"], f"auc {c['name']} ci-low": ci[0], f"auc {c['name']} ci-high": ci[1]}
+        macro_ci = s["macro-auc-ci"] or [None, None]
+        row |= {"macro auc": s["macro_auc"], "macro auc ci-low": macro_ci[0], "macro auc ci-high": macro_ci[1],
+                "wall s": round(r.wall_s, 1), "peak rss gib": round(r.peak_gib, 2)}
+        rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _with_ci(row: dict[str, Any], key: str) -> str:
+    low, high = row[f"{key} ci-low"], row[f"{key} ci-high"]
+    ci = "" if low is None else f" [{low:.2f}, {high:.2f}]"
+    return _number(row[key]) + ci
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    aucs = [k for k in rows[0] if k.startswith("auc ") and not k.endswith(("ci-low", "ci-high"))]
+    header = ["arm", "name", "n", "accuracy", "precision", "recall", "F1", *[k.upper().replace("AUC ", "AUC ") for k in aucs],
+              "macro AUC [95% CI]", "wall s", "peak GiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["arm"], row["name"], str(row["test-rois"]), *(_number(row[k]) for k in ("accuracy", "precision", "recall", "f1")),
+                 *(_with_ci(row, k) for k in aucs), _with_ci(row, "macro auc"), f"{row['wall s']:.0f}", f"{row['peak rss gib']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(out: Path, config: ExperimentConfig, results: list[ArmResult], site_tables: dict[str, list]) -> None:
+    rows = table_rows(results)
+    if not rows:
+        raise ValueError("the experiment has no arms: configure centralised, pooled, federated or local")
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    parts = [f"# Experiment `{config.name}`", ""]
+    cv = [r for r in results if r.group == "centralised-cv"]
+    if cv:
+        parts += [f"## Centralised, {config.centralised.folds}-fold patient-grouped CV (pooled out-of-fold scores)", "",
+                  markdown_table(table_rows(cv)), "",
+                  "Fold mean ± sd of macro AUC: " + ", ".join(
+                      f"{r.name} {_number(r.extra['fold-macro-auc-mean'])} ± {_number(r.extra['fold-macro-auc-sd'])}" for r in cv),
+                  ""]
+    for name, table in site_tables.items():
+        group = [r for r in results if r.group == name]
+        sites = ", ".join(f"{t['site']} ({t['patients']} patients, " + "/".join(str(v) for k, v in t.items()
+                          if k not in ("site", "patients", "rois")) + ")" for t in table)
+        parts += [f"## Partition `{name}`: {config.partitions[name].scheme}", "", f"Sites (class counts): {sites}", "",
+                  "Every row is scored on the union of the sites' test parts.", "", markdown_table(table_rows(group)), ""]
+    (out / "results.md").write_text("\n".join(parts))
+    (out / "results.json").write_text(json.dumps({"config": config.model_dump(mode="json"), "sites": site_tables,
+                                                  "arms": [r.__dict__ for r in results]}, indent=1, default=str))
+
+
+def _plot_group(path: Path, results: list[ArmResult], title: str) -> None:
+    if not results:
+        return
+    epochs = sorted({e for r in results for e, _ in r.curve})
+    series = {}
+    for r in results:
+        by_epoch = dict(r.curve)
+        series[f"{r.kind} {r.name} auc"] = [by_epoch.get(e) for e in epochs]
+    plot_curves(path, epochs, series, "epochs of local training", f"{title}: validation macro AUC")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="experiment TOML (see simulations/configs/)")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/<name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
+        print(f"pneumofed experiment: invalid config {args.config}:\n{error}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / config.name
+    started = time.perf_counter()
+    run_experiment(config, out)
+    print(f"results in {out.resolve()} (results.md, results.csv; {time.perf_counter() - started:.0f} s)")
+    return 0

@@ -1,0 +1,110 @@
+"""`pneumofed simulate`: the main job, a local multicentre Flower simulation.
+
+With no sites given it uses the built-in synthetic hospitals, writing them with
+`pneumofed synth` and preparing their ROI stores on first use (later runs reuse both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tomllib
+from typing import get_args
+from pathlib import Path
+
+from pneumofed.common.config import StrategyName
+from pneumofed.common.models import MODEL_NAMES
+from pneumofed.common.prepare import prepare_site
+from pneumofed.common.synth import write_hospitals
+from pneumofed.simulations.flower import SimulationFailed, run_simulation
+from pneumofed.simulations.partition import prepare_natural_sites
+
+
+def synthetic_sites(data_dir: Path, hospitals: int, rois: int, roi_size: int, seed: int) -> list[Path]:
+    """ROI stores of the synthetic hospitals under `data_dir`, created when absent."""
+    hospital_dirs = sorted(data_dir.glob("hospital-*"))
+    if len(hospital_dirs) < hospitals or not all((h / "annotations.csv").is_file() for h in hospital_dirs):
+        print(f"writing {hospitals} synthetic hospitals to {data_dir} ...", flush=True)
+        hospital_dirs = write_hospitals(data_dir, n_hospitals=hospitals, rois_per_hospital=rois, seed=seed)
+    stores = []
+    for hospital in hospital_dirs[:hospitals]:
+        store = data_dir / "stores" / hospital.name
+        prepare_site(
+            hospital / "dicom",
+            hospital / "annotations.csv",
+            store,
+            roi_size=roi_size,
+            secret_path=data_dir / "secrets" / f"{hospital.name}.key",
+        )
+        stores.append(store)
+    return stores
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=Path, nargs="+", help="prepared ROI stores, one per simulated hospital "
+                        "(default: the built-in synthetic hospitals)")
+    parser.add_argument("--natural", nargs=2, type=Path, metavar=("DICOM_DIR", "ANNOTATIONS"),
+                        help="a pooled DICOM folder + annotation CSV, split into one site per InstitutionName "
+                        "(stores written under --data-dir)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data/synthetic"),
+                        help="where the synthetic hospitals (or --natural site stores) live (default: %(default)s)")
+    parser.add_argument("--hospitals", type=int, default=3, help="number of synthetic hospitals (default: 3)")
+    parser.add_argument("--rois", type=int, default=200, help="ROIs per synthetic hospital (default: 200)")
+    parser.add_argument("--roi-size", type=int, default=64, help="ROI edge in pixels (default: 64)")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default: 2)")
+    parser.add_argument("--strategy", default="fedavg", choices=get_args(StrategyName),
+                        help="Flower strategy (default: %(default)s)")
+    parser.add_argument("--model", default="shufflenet_v2_eca", choices=MODEL_NAMES, help="(default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="local Adam learning rate (default: %(default)s; the seed's 1e-4 needs ~30 epochs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<strategy>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last round")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other run-config key of pyproject.toml, e.g. --set batch-size=32")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume and args.run_dir is None:
+        print("--resume needs --run-dir (the run to continue)")
+        return 2
+    if args.sites:
+        sites = args.sites
+    elif args.natural:
+        sites = prepare_natural_sites(*args.natural, args.data_dir.resolve(), roi_size=args.roi_size)
+    else:
+        sites = synthetic_sites(args.data_dir.resolve(), args.hospitals, args.rois, args.roi_size, args.seed)
+    run_dir = (args.run_dir or Path("runs") / f"{args.strategy}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_config = {
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "strategy": args.strategy,
+        "model": args.model,
+        "learning-rate": args.learning_rate,
+        "roi-size": args.roi_size,
+        "seed": args.seed,
+        "run-dir": str(run_dir),
+        "resume": args.resume,
+    } | dict(_parse_override(item) for item in args.overrides)
+    try:
+        run_simulation(sites, run_config)
+    except SimulationFailed as error:
+        print(f"simulation failed: {error}")
+        return 1
+    if not (run_dir / "metrics.json").is_file():
+        print(f"simulation finished without results in {run_dir}; see the log above")
+        return 1
+    print(f"run directory: {run_dir}")
+    print(f"plots: {run_dir / 'plots'}")
+    return 0
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value

@@ -1,0 +1,328 @@
+"""Deployment on loopback: provisioned kits, nginx in front of a TLS + node-auth SuperLink, real SuperNodes.
+
+Every process is started from the shipped kit scripts in its own session and stopped by pid
+(its process group, so the SuperExec/ClientApp children go too) in the fixtures' teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pneumofed.deploy import audit, pki
+from pneumofed.deploy.provision import load_federation, provision
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("nginx") is None,
+        reason="nginx is not installed (apt-get install nginx-light): it is the hospital-facing proxy under test",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+FEDERATION = "loopback-study"
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
+ROI_SIZE = 32
+RUN_CONFIG = (
+    f"num-server-rounds=2 local-epochs=1 model-width=0.5 batch-size=8 roi-size={ROI_SIZE} augment=false min-nodes=3"
+)
+RUN_TIMEOUT_S = 900  # generous for shared CI runners; a dedicated 2-core machine needs about 3 minutes
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Processes:
+    """Processes started for one test module, each in its own session, stopped by pid."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir, self.env = log_dir, env
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        home = self.log_dir / f"flwr-home-{name}"  # Flower installs FABs under FLWR_HOME: one per process
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**self.env, "FLWR_HOME": str(home), **env},
+            )
+        self.running.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process, wait for it, then make sure nothing of its group survives."""
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # children (SuperExec, app processes) of this group only
+        except ProcessLookupError:
+            pass
+        if process in self.running:
+            self.running.remove(process)
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.running)):
+            self.stop(process)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str, check: Callable[[], None] = lambda: None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _trusting(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def _responds(url: str, ca: Path, status: int) -> bool:
+    try:
+        return httpx.get(url, verify=_trusting(ca), timeout=5).status_code == status
+    except httpx.HTTPError:
+        return False
+
+
+class Federation:
+    def __init__(self, root: Path, processes: Processes, out: Path, fleet_port: int, control_port: int) -> None:
+        self.root, self.processes, self.out = root, processes, out
+        self.fleet_port, self.control_port = fleet_port, control_port
+        self.coordinator = out / "coordinator"
+        self.ca = self.coordinator / "ca.crt"
+
+    def hospital_kit(self, name: str) -> Path:
+        return self.out / "hospitals" / name
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.coordinator / "flwr.sh"), *args], env=self.processes.env, text=True,
+                              capture_output=True, timeout=timeout, cwd=self.root)
+
+    def nodes(self) -> list[dict]:
+        result = self.flwr("supernode", "ls", FEDERATION, "--format", "json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)["nodes"]
+
+    def start_node(self, name: str, kit: Path, *extra: str) -> subprocess.Popen[bytes]:
+        return self.processes.start(name, [str(kit / "start-supernode.sh"), *extra],
+                                    PNEUMOFED_RUNTIME_PORT=str(_free_port()))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    from pneumofed.common.prepare import prepare_site
+    from pneumofed.common.synth import write_hospitals
+
+    root = tmp_path_factory.mktemp("deploy")
+    raw = write_hospitals(root / "raw", n_hospitals=len(HOSPITALS), rois_per_hospital=20, seed=0)
+    for name, hospital in zip(HOSPITALS, raw):
+        prepare_site(hospital / "dicom", hospital / "annotations.csv", root / name / "roistore",
+                     roi_size=ROI_SIZE, secret_path=root / name / "site-secret", workers=1)
+
+    fleet_port, control_port = _free_port(), _free_port()
+    hospitals = "".join(f'[[hospitals]]\nname = "{n}"\ndata-path = "{root / n / "roistore"}"\n' for n in HOSPITALS)
+    (root / "federation.toml").write_text(
+        f'name = "{FEDERATION}"\n{hospitals}\n[superlink]\nhosts = ["localhost"]\n'
+        f'fleet-port = {fleet_port}\ncontrol-port = {control_port}\nproxy-bind = "127.0.0.1"\n'
+    )
+    out = root / "kits"
+    provision(load_federation(root / "federation.toml"), out)
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    processes = Processes(root, env)
+    fed = Federation(root, processes, out, fleet_port, control_port)
+    try:
+        superlink = processes.start("superlink", [str(fed.coordinator / "start-superlink.sh")])
+        proxy = processes.start("proxy", [str(fed.coordinator / "start-proxy.sh")])
+
+        def alive() -> None:
+            for name, process in (("superlink", superlink), ("proxy", proxy)):
+                assert process.poll() is None, f"{name} exited:\n{processes.log(name)}"
+
+        _wait_until(lambda: _responds(f"https://127.0.0.1:{control_port}/health", fed.ca, 200), 90, "the SuperLink", alive)
+        _wait_until(lambda: _responds(f"https://localhost:{fleet_port}/health", fed.ca, 403), 30, "the proxy", alive)
+        registration = subprocess.run([str(fed.coordinator / "register-hospitals.sh")], env=env, text=True,
+                                      capture_output=True, timeout=180)
+        assert registration.returncode == 0, registration.stdout + registration.stderr
+        yield fed
+    finally:
+        processes.stop_all()
+
+
+def _node_refused(fed: Federation, name: str, kit: Path, *extra: str) -> str:
+    """Start a SuperNode that must give up on its own; return its log."""
+    node = fed.start_node(name, kit, "--max-retries", "0", "--max-wait-time", "30", *extra)
+    try:
+        node.wait(90)
+    finally:
+        returncode = fed.processes.stop(node)
+    assert returncode != 0
+    return fed.processes.log(name)
+
+
+def _copy_kit(fed: Federation, name: str) -> Path:
+    copy = fed.root / name
+    shutil.copytree(fed.hospital_kit("hospital-1"), copy)
+    return copy
+
+
+def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federation: Federation) -> None:
+    fed = federation
+    public, private = f"https://localhost:{fed.fleet_port}", f"https://127.0.0.1:{fed.control_port}"
+    headers = {"content-type": "application/protobuf", "accept": "application/protobuf"}
+    blocked = [
+        "/v1/control/list-nodes", "/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs",
+        "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/v1/runtime/push-task-output",
+        "/v1/runtime/create-task",
+        "/v1/fleet/../control/list-nodes", "/v1/fleet/%2e%2e/control/list-nodes", "/v1/fleet/..%2fcontrol/list-nodes",
+    ]
+    with httpx.Client(verify=_trusting(fed.ca), timeout=10) as client:
+        for path in blocked:
+            request = client.build_request("POST", public + path, headers=headers, content=b"")
+            request.url = request.url.copy_with(raw_path=path.encode())  # keep dot segments as sent by an attacker
+            assert client.send(request).status_code == 403, path
+        for path in ("/docs", "/openapi.json", "/health"):
+            assert client.get(public + path).status_code == 403, path
+        # The same Control API answers on the SuperLink's loopback port, so the 403s above are the proxy's doing.
+        assert client.post(private + "/v1/control/list-nodes", headers=headers, content=b"").status_code == 200
+        runtime = client.post(private + "/v1/runtime/pull-task-input", headers=headers, content=b"")
+        assert runtime.status_code not in (403, 404)  # reached the Runtime API, which wants a task token
+
+    # The Flower CLI pointed at the hospital-facing port cannot register a node either.
+    attacker_home = fed.root / "attacker-flwr-home"
+    attacker_home.mkdir()
+    (attacker_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "via-proxy"\n\n[superlink.via-proxy]\naddress = "localhost:{fed.fleet_port}"\n'
+        f'root-certificates = "{fed.ca}"\n'
+    )
+    rogue_key = fed.root / "attacker.pub"
+    rogue_key.write_bytes(pki.public_key_openssh(pki.new_node_key(), "attacker"))
+    attempt = subprocess.run(["flwr", "supernode", "register", str(rogue_key), "via-proxy"], text=True,
+                             capture_output=True, timeout=120, env={**fed.processes.env, "FLWR_HOME": str(attacker_home)})
+    assert attempt.returncode != 0 and "403" in attempt.stdout + attempt.stderr
+    assert len(fed.nodes()) == len(HOSPITALS)
+
+
+def test_plaintext_connections_are_refused(federation: Federation) -> None:
+    fed = federation
+    response = httpx.post(f"http://localhost:{fed.fleet_port}/v1/fleet/activate-node", timeout=10)
+    assert response.status_code == 400 and "plain HTTP request was sent to HTTPS port" in response.text
+    with pytest.raises(httpx.HTTPError):  # the SuperLink itself speaks TLS only
+        httpx.post(f"http://127.0.0.1:{fed.control_port}/v1/control/list-nodes", timeout=10)
+    # A SuperNode speaking plain HTTP (Flower refuses to combine --insecure with a node key, so none is given).
+    plain = fed.processes.start("plaintext-node", [
+        "flower-supernode", "--insecure", "--superlink", f"localhost:{fed.fleet_port}", "--port", str(_free_port()),
+        "--max-retries", "0", "--max-wait-time", "30",
+    ])
+    try:
+        plain.wait(90)
+    finally:
+        returncode = fed.processes.stop(plain)
+    assert returncode != 0
+    assert "400 Bad Request" in fed.processes.log("plaintext-node")
+    assert not any(node["status"] == "online" for node in fed.nodes())
+
+
+def test_unregistered_node_key_is_refused(federation: Federation) -> None:
+    fed = federation
+    kit = _copy_kit(fed, "unregistered-kit")
+    (kit / "node.key").write_bytes(pki.private_key_openssh(pki.new_node_key()))
+    log = _node_refused(fed, "unregistered-node", kit)
+    assert "Failed to activate SuperNode" in log
+    # Without a key the SuperNode tries to register itself through the Fleet API: disabled by node auth.
+    anonymous = fed.processes.start("anonymous-node", [
+        "flower-supernode", "--superlink", f"localhost:{fed.fleet_port}", "--root-certificates", str(fed.ca),
+        "--port", str(_free_port()), "--max-retries", "0", "--max-wait-time", "30",
+    ])
+    try:
+        anonymous.wait(90)
+    finally:
+        returncode = fed.processes.stop(anonymous)
+    assert returncode != 0
+    assert "All SuperNodes must be registered via the CLI" in fed.processes.log("anonymous-node")
+    assert len(fed.nodes()) == len(HOSPITALS)
+
+
+def test_node_with_another_ca_is_refused(federation: Federation) -> None:
+    fed = federation
+    kit = _copy_kit(fed, "wrong-ca-kit")
+    other_ca = pki.create_ca(pki.new_tls_key(), "another-federation", days=30)
+    (kit / "ca.crt").write_bytes(pki.certificate_pem(other_ca))
+    log = _node_refused(fed, "wrong-ca-node", kit)
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+    assert not any(node["status"] == "online" for node in fed.nodes())
+
+
+def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Federation) -> None:
+    fed = federation
+    nodes = {name: fed.start_node(name, fed.hospital_kit(name)) for name in HOSPITALS}
+
+    def nodes_alive() -> None:
+        for name, process in nodes.items():
+            assert process.poll() is None, f"{name} exited:\n{fed.processes.log(name)}"
+
+    _wait_until(lambda: sum(n["status"] == "online" for n in fed.nodes()) == len(HOSPITALS), 120,
+                "three online SuperNodes", nodes_alive)
+
+    run_dir = fed.root / "run"
+    started = fed.flwr("run", str(REPO), FEDERATION, "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
+                       "--format", "json", timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = json.loads(started.stdout)["run-id"]
+
+    def status() -> str:
+        listing = fed.flwr("ls", FEDERATION, "--run-id", run_id, "--format", "json")
+        return json.loads(listing.stdout)["runs"][0]["status"] if listing.returncode == 0 else "unknown"
+
+    _wait_until(lambda: status().startswith("finished"), RUN_TIMEOUT_S, f"run {run_id}", nodes_alive)
+    assert status() == "finished:completed", fed.processes.log("superlink")[-3000:]
+
+    digests_by_round: dict[int, set[str]] = {}
+    for name in HOSPITALS:
+        entries = [e for e in audit.read_audit(fed.root / name / "roistore-audit.jsonl") if e["run_id"] == int(run_id)]
+        assert [e["event"] for e in entries].count("run-joined") == 1 and entries[0]["event"] == "run-joined"
+        replies = [e for e in entries if e["event"] == "reply"]
+        train = [e for e in replies if e["kind"] == "train"]
+        assert [e["round"] for e in train] == [1, 2], name
+        assert {e["kind"] for e in replies} == {"train", "evaluate"}
+        for entry in train:
+            assert entry["arrays"]["arrays"]["bytes"] > 0 and len(entry["arrays"]["arrays"]["sha256"]) == 64
+            assert "num-examples" in entry["metric_keys"]["metrics"]
+            digests_by_round.setdefault(entry["round"], set()).add(entry["arrays"]["arrays"]["sha256"])
+    # Each site trained on its own data, so the three updates of a round differ.
+    assert all(len(digests) == len(HOSPITALS) for digests in digests_by_round.values())
+
+    for name, process in nodes.items():
+        fed.processes.stop(process)
+        assert process.returncode is not None, name

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pneumofed.simulations.experiment import (
+    ExperimentConfig,
+    ProcessTreeMemory,
+    configure_parser,
+    load_config,
+    markdown_table,
+    run,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config: Path) -> None:
+    assert load_config(config).name
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    base = 'name = "x"\n[data]\nkind = "synthetic"\n[partitions.a]\nscheme = "natural"\n'
+    with pytest.raises(ValidationError, match="fedsgd"):
+        load_config(_write(tmp_path / "a.toml", base + '[federated]\nstrategies = ["fedsgd"]\n'))
+    with pytest.raises(ValidationError, match="unknown model"):
+        load_config(_write(tmp_path / "b.toml", base + '[centralised]\nmodels = ["vgg16"]\n'))
+    with pytest.raises(ValidationError, match="run_config may not set"):
+        load_config(_write(tmp_path / "c.toml", base + '[federated]\nrun_config = { "run-dir" = "/tmp/x" }\n'))
+    with pytest.raises(ValidationError, match="proximal"):
+        load_config(_write(tmp_path / "d.toml", base + '[federated]\nrun_config = { "proximal-mu" = -1 }\n'))
+    with pytest.raises(ValidationError, match="needs dicom_dir"):
+        load_config(_write(tmp_path / "e.toml", 'name = "x"\n[data]\nkind = "dicom"\n'))
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        load_config(_write(tmp_path / "f.toml", base + "[training]\nepoch = 3\n"))
+
+
+def test_relative_data_paths_are_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    config = load_config(_write(tmp_path / "cfg" / "x.toml",
+                                'name = "x"\nlocal = false\npooled = false\n[data]\nkind = "stores"\nstores = ["../s1"]\n'))
+    assert config.data.stores == [(tmp_path / "s1").resolve()]
+
+
+def test_process_tree_memory_counts_child_processes() -> None:
+    with ProcessTreeMemory(interval_s=0.05) as alone:
+        time.sleep(0.3)
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(2)"])
+    try:
+        time.sleep(1.0)
+        with ProcessTreeMemory(interval_s=0.05) as with_child:
+            time.sleep(0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert with_child.peak_bytes - alone.peak_bytes > 250 * 2**20
+
+
+def test_markdown_table_shows_ci_and_dashes_for_undefined() -> None:
+    row = {"arm": "local", "name": "site-01", "test-rois": 9, "accuracy": 0.5, "precision": 0.4, "recall": 0.3,
+           "f1": 0.35, "auc nodule": 0.8, "auc nodule ci-low": 0.6, "auc nodule ci-high": 0.95,
+           "auc emphysema": None, "auc emphysema ci-low": None, "auc emphysema ci-high": None,
+           "macro auc": 0.8, "macro auc ci-low": 0.6, "macro auc ci-high": 0.95, "wall s": 12.0, "peak rss gib": 1.5}
+    table = markdown_table([row]).splitlines()
+    assert table[0].count("|") == table[2].count("|")
+    assert "0.800 [0.60, 0.95]" in table[2] and "| – |" in table[2]
+
+
+@pytest.mark.slow
+def test_small_experiment_fills_every_column(synthetic_sites: list[Path], tmp_path: Path) -> None:
+    stores = ", ".join(f'"{s}"' for s in synthetic_sites[:2])
+    config = _write(tmp_path / "tiny.toml", f"""
+name = "tiny"
+bootstrap = 50
+model = "shufflenet_v2_eca"
+[data]
+kind = "stores"
+roi_size = 32
+stores = [{stores}]
+[training]
+epochs = 1
+learning_rate = 1e-3
+augment = false
+[centralised]
+models = ["shufflenet_v2"]
+folds = 2
+[federated]
+strategies = ["fedavg"]
+rounds = 1
+[partitions.natural]
+scheme = "natural"
+""")
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert run(parser.parse_args([str(config), "--out", str(tmp_path / "out")])) == 0
+
+    out = tmp_path / "out"
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["group"], r["arm"], r["name"]) for r in rows] == [
+        ("centralised-cv", "centralised (2-fold CV)", "shufflenet_v2"),
+        ("natural", "pooled", "pooled"),
+        ("natural", "federated", "fedavg"),
+        ("natural", "local", "local-site-01"),
+        ("natural", "local", "local-site-02"),
+    ]
+    for row in rows:
+        empty = [key for key, value in row.items() if value in ("", None)]
+        assert not empty, f"{row['name']}: empty {empty}"
+        assert float(row["macro auc ci-low"]) <= float(row["macro auc"]) <= float(row["macro auc ci-high"])
+        assert float(row["peak rss gib"]) > 0.1
+    # All per-partition arms are scored on the same test ROIs; the CV arm on every ROI once.
+    assert len({r["test-rois"] for r in rows[1:]}) == 1
+    pooled_size = sum(len(json.loads((s / "index.json").read_text())["records"]) for s in synthetic_sites[:2])
+    assert int(rows[0]["test-rois"]) == pooled_size
+
+    arms = json.loads((out / "results.json").read_text())["arms"]
+    federated = next(a for a in arms if a["kind"] == "federated")
+    assert federated["extra"]["agrees-with-final-json"]
+    assert "| federated | fedavg |" in (out / "results.md").read_text()
+    assert (out / "natural" / "curves.png").is_file()
+    assert (out / "natural" / "federated-fedavg" / "test_roc.png").is_file()
+
+    # A second run with unchanged settings reuses every arm instead of training again.
+    started = time.perf_counter()
+    assert run(parser.parse_args([str(config), "--out", str(out)])) == 0
+    assert time.perf_counter() - started < 30

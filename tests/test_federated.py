@@ -1,0 +1,299 @@
+"""Server and client logic of the Flower apps, driven in-process (no Ray, no SuperLink)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from sklearn.metrics import roc_auc_score
+
+from pneumofed.client.app import evaluate_locally, train_locally
+from pneumofed.common import training
+from pneumofed.common.config import FederatedConfig
+from pneumofed.common.models import build_model
+from pneumofed.common.site import load_site
+from pneumofed.common.weights import exchanged_state
+from pneumofed.deploy.audit import array_digest, read_audit
+from pneumofed.server.app import initial_arrays, run_federation
+from pneumofed.server.outputs import RunDirectory
+from pneumofed.server.strategy import STRATEGIES, build_strategy
+
+CLASSES = ["nodule", "interstitial", "emphysema"]
+SMALL_RUN = {"model-width": 0.5, "roi-size": 32, "local-epochs": 1, "batch-size": 16, "learning-rate": 1e-3}
+
+
+class InProcessGrid:
+    """Delivers each message straight to the ClientApp's handler functions for that node."""
+
+    def __init__(self, sites: list[Path], run_config: dict, tamper: dict[int, Callable[[RecordDict], RecordDict]] | None = None):
+        self.run_config = run_config
+        self.node_configs = {100 + i: {"data-path": str(site), "site-name": site.name} for i, site in enumerate(sites)}
+        self.tamper = tamper or {}
+        self.replies: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            is_train = message.metadata.message_type == MessageType.TRAIN
+            handler = train_locally if is_train else evaluate_locally
+            content = handler(message.content["arrays"], message.content["config"], self.run_config, self.node_configs[node])
+            if is_train and node in self.tamper:
+                content = self.tamper[node](content)
+            replies.append(Message(content, reply_to=message))
+        self.replies.extend(replies)
+        return replies
+
+
+def run_config(tmp_path: Path, **overrides) -> dict:
+    return FederatedConfig.model_validate(SMALL_RUN | {"run-dir": str(tmp_path / "run")} | overrides).to_run_config()
+
+
+def federate(sites, config_dict, tamper=None) -> tuple[RunDirectory, InProcessGrid]:
+    config = FederatedConfig.from_run_config(config_dict)
+    grid = InProcessGrid(sites, config_dict, tamper)
+    run = RunDirectory.open(config, flower_run_id=1)
+    run_federation(grid, config, run)
+    return run, grid
+
+
+def test_a_run_writes_metrics_models_best_model_final_test_and_plots(synthetic_sites, tmp_path, flower_identity):
+    run, _ = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
+
+    history = json.loads((run.path / "metrics.json").read_text())
+    assert [record["round"] for record in history] == [1, 2]
+    for record in history:
+        assert set(record["site-auc"]) == {site.name for site in synthetic_sites}
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["train-loss"] > 0
+    csv_header = (run.path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"round", "train-loss", "eval-loss", "macro_auc"} <= set(csv_header)
+    for name in ("round-001.pt", "round-002.pt", "best.pt"):
+        assert (run.path / "models" / name).is_file()
+    final = json.loads((run.path / "final.json").read_text())
+    assert final["split"] == "test" and final["best-round"] in (1, 2)
+    for plot in ("curves.png", "roc.png", "confusion.png", "roc_test.png"):
+        assert (run.path / "plots" / plot).stat().st_size > 1000
+    assert json.loads((run.path / "config.json").read_text())["num-server-rounds"] == 2
+    audit = read_audit(run.path / "audit.jsonl")
+    assert [entry["event"] for entry in audit] == ["run-started", "round", "round", "run-finished"]
+    last_global = torch.load(run.path / "models" / "round-002.pt", weights_only=True)["state"]
+    assert audit[2]["global_model_sha256"] == array_digest({k: v.numpy() for k, v in last_global.items()})
+    assert len(audit[1]["participants"]) == len(synthetic_sites)
+
+
+def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, **{"batch-size": 4})
+    config = FederatedConfig.from_run_config(config_dict)
+    # Until BatchNorm's running statistics have moved off their initial values (tens of steps),
+    # an eval-mode network scores every ROI alike to within 1e-6, which no fixed-bin summary
+    # can order; so the model under test is first trained for ~70 steps.
+    trained = train_locally(
+        initial_arrays(config),
+        ConfigRecord({"server-round": 1, "local-epochs": 10}),
+        config_dict,
+        {"data-path": str(synthetic_sites[0])},
+    )
+    arrays = trained["arrays"]
+    instruction = ConfigRecord({"server-round": 1, "split": "val"})
+    grid = InProcessGrid(synthetic_sites, config_dict)
+    strategy = build_strategy(config, CLASSES)
+    replies = grid.send_and_receive(
+        [Message(RecordDict({"arrays": arrays, "config": instruction}), node, MessageType.EVALUATE) for node in grid.get_node_ids()]
+    )
+    pooled = strategy.pool(replies)
+
+    model = build_model(config.model, 3, width=config.model_width)
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+    labels, probs = [], []
+    for site in synthetic_sites:
+        result = training.evaluate(model, load_site(site, config.seed).val, training.TrainConfig(progress=False))
+        labels.append(result.labels)
+        probs.append(result.probs)
+        for k, name in enumerate(CLASSES):
+            positives = result.labels == k
+            if 0 < positives.sum() < len(positives):
+                site_auc = roc_auc_score(positives, result.probs[:, k])
+                assert pooled.site_auc[site.name][name] == pytest.approx(site_auc, abs=0.002)
+    labels, probs = np.concatenate(labels), np.concatenate(probs)
+    for k, name in enumerate(CLASSES):
+        assert pooled.report.per_class[k].auc == pytest.approx(roc_auc_score(labels == k, probs[:, k]), abs=0.002)
+    assert pooled.num_examples == len(labels)
+
+
+def _scaled(factor: float) -> Callable[[RecordDict], RecordDict]:
+    def tamper(content: RecordDict) -> RecordDict:
+        arrays = {name: torch.from_numpy(array.numpy() * factor) for name, array in content["arrays"].items()}
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+    return tamper
+
+
+def _poisoned(value: float) -> Callable[[RecordDict], RecordDict]:
+    def tamper(content: RecordDict) -> RecordDict:
+        arrays = {name: torch.from_numpy(array.numpy()) for name, array in content["arrays"].items()}
+        first = next(iter(arrays))
+        arrays[first].view(-1)[0] = value
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+    return tamper
+
+
+def _reshaped(content: RecordDict) -> RecordDict:
+    arrays = {name: torch.from_numpy(array.numpy()) for name, array in content["arrays"].items()}
+    first = next(iter(arrays))
+    arrays[first] = arrays[first].reshape(-1)
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+
+
+def _retyped(content: RecordDict) -> RecordDict:
+    arrays = {name: torch.from_numpy(array.numpy()).double() for name, array in content["arrays"].items()}
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_poisoned(float("nan")), "NaN or infinite"),
+        (_poisoned(float("inf")), "NaN or infinite"),
+        (_reshaped, "shape"),
+        (_retyped, "dtype"),
+        (_scaled(1000.0), "update norm"),
+    ],
+    ids=["nan", "inf", "wrong-shape", "wrong-dtype", "norm-x1000"],
+)
+def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_good_ones(
+    synthetic_sites, tmp_path, flower_identity, tamper, reason
+):
+    config_dict = run_config(tmp_path)
+    config = FederatedConfig.from_run_config(config_dict)
+    grid = InProcessGrid(synthetic_sites, config_dict, tamper={100: tamper})
+    strategy = build_strategy(config, CLASSES)
+    global_arrays = initial_arrays(config)
+    replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
+
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    [rejection] = strategy.rejected_updates[1]
+    assert rejection["node"] == 100 and reason in rejection["reason"]
+    good = [reply.content for reply in replies if reply.metadata.src_node_id != 100]
+    weights = np.array([reply["metrics"]["num-examples"] for reply in good], dtype=float)
+    for name, array in aggregated.items():
+        expected = sum(w * reply["arrays"][name].numpy() for w, reply in zip(weights, good)) / weights.sum()
+        np.testing.assert_allclose(array.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+METRIC_KEYS_TRAIN = {"num-examples", "train-loss", "train-accuracy"}
+METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "confusion"}
+
+
+def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metrics(synthetic_sites, tmp_path, flower_identity):
+    _, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}))
+    model_state = exchanged_state(build_model("shufflenet_v2_eca", 3, width=0.5))
+
+    assert grid.replies, "the run sent no messages"
+    for reply in grid.replies:
+        content = reply.content
+        [metrics] = content.metric_records.values()
+        if reply.metadata.message_type == MessageType.TRAIN:
+            [arrays] = content.array_records.values()
+            assert {name: tuple(a.shape) for name, a in arrays.items()} == {
+                name: tuple(t.shape) for name, t in model_state.items()
+            }
+            assert set(metrics) == METRIC_KEYS_TRAIN
+            assert not content.config_records
+        else:
+            assert not content.array_records
+            histogram_keys = set(metrics) - METRIC_KEYS_EVALUATE_FIXED
+            assert histogram_keys and all(key.startswith("hist-") for key in histogram_keys)
+            assert set(content.config_records) == {"site"} and set(content["site"]) == {"name"}
+        for value in metrics.values():
+            assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), "scores must be counted, not listed"
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(synthetic_sites, tmp_path, flower_identity):
+    base = {"strategy": "fedadam", "num-server-rounds": 2}
+    straight, _ = federate(synthetic_sites, run_config(tmp_path / "a", **base))
+
+    interrupted = run_config(tmp_path / "b", **base | {"num-server-rounds": 1})
+    federate(synthetic_sites, interrupted)
+    resumed, _ = federate(synthetic_sites, interrupted | {"num-server-rounds": 2, "resume": True})
+
+    a = json.loads((straight.path / "metrics.json").read_text())
+    b = json.loads((resumed.path / "metrics.json").read_text())
+    assert [r["round"] for r in b] == [1, 2]
+    assert b[-1]["macro_auc"] == pytest.approx(a[-1]["macro_auc"], abs=1e-6)
+    assert b[-1]["eval-loss"] == pytest.approx(a[-1]["eval-loss"], rel=1e-5)
+    final_a = torch.load(straight.path / "models" / "round-002.pt", weights_only=True)["state"]
+    final_b = torch.load(resumed.path / "models" / "round-002.pt", weights_only=True)["state"]
+    for name in final_a:
+        torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_run_directory_is_never_overwritten_without_resume(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 1})
+    federate(synthetic_sites[:1], config_dict)
+    with pytest.raises(FileExistsError, match="resume"):
+        RunDirectory.open(FederatedConfig.from_run_config(config_dict), flower_run_id=2)
+
+
+def test_resuming_with_a_different_model_is_refused(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 1})
+    federate(synthetic_sites[:1], config_dict)
+    changed = FederatedConfig.from_run_config(config_dict | {"resume": True, "model-width": 1.0})
+    with pytest.raises(ValueError, match="model_width"):
+        RunDirectory.open(changed, flower_run_id=2)
+
+
+def test_a_single_site_run_completes_with_default_minimum_nodes(synthetic_sites, tmp_path, flower_identity):
+    run, _ = federate(synthetic_sites[:1], run_config(tmp_path, **{"num-server-rounds": 1}))
+    assert (run.path / "models" / "round-001.pt").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_is_flowers_own_and_aggregates_a_round(name, synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, strategy=name)
+    config = FederatedConfig.from_run_config(config_dict)
+    strategy = build_strategy(config, CLASSES)
+    assert isinstance(strategy, STRATEGIES[name])
+    grid = InProcessGrid(synthetic_sites, config_dict)
+    global_arrays = initial_arrays(config)
+    messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({"local-epochs": 1}), grid))
+    if name == "fedprox":
+        assert all(message.content["config"]["proximal-mu"] == config.proximal_mu for message in messages)
+
+    aggregated, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+
+    assert list(aggregated.keys()) == list(global_arrays.keys())
+    assert all(np.isfinite(a.numpy()).all() for a in aggregated.values())
+    assert metrics["train-loss"] > 0
+
+
+def test_a_site_whose_store_does_not_match_the_run_is_told_how_to_fix_it(synthetic_sites, tmp_path):
+    config_dict = run_config(tmp_path, **{"roi-size": 64})
+    arrays = initial_arrays(FederatedConfig.from_run_config(config_dict))
+    with pytest.raises(ValueError, match="pneumofed prepare"):
+        train_locally(arrays, ConfigRecord({"server-round": 1}), config_dict, {"data-path": str(synthetic_sites[0])})
+
+
+def test_run_config_rejects_unknown_keys_and_relative_paths():
+    with pytest.raises(ValueError, match="extra"):
+        FederatedConfig.from_run_config({"num-rounds": 3})
+    with pytest.raises(ValueError, match="absolute"):
+        FederatedConfig.from_run_config({"sites": "relative/store"})
+    with pytest.raises(ValueError, match="unknown model"):
+        FederatedConfig.from_run_config({"model": "vgg16"})
+
+
+def test_pyproject_run_config_defaults_match_the_typed_config():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    assert FederatedConfig.from_run_config(defaults).to_run_config() == FederatedConfig().to_run_config()
+    assert set(defaults) == set(FederatedConfig().to_run_config())
