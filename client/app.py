@@ -14,12 +14,12 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from sklearn.metrics import confusion_matrix
+from torch import nn
 
 from pneumofed.common import training
 from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
 from pneumofed.common.config import FederatedConfig
-from pneumofed.common.metrics import ScoreHistogram
+from pneumofed.common.metrics import ScoreHistogram, confusion_counts
 from pneumofed.common.models import build_model
 from pneumofed.common.site import SiteData, load_site
 from pneumofed.common.weights import exchanged_state, load_exchanged_state
@@ -49,7 +49,11 @@ def _site_seed(run_seed: int, server_round: int, name: str) -> int:
     return (run_seed * 1_000_003 + server_round * 7_919 + zlib.crc32(name.encode())) % 2**31
 
 
-def _load(node_config: Mapping[str, Any], config: FederatedConfig) -> tuple[SiteData, Any]:
+def _global_model_at_site(
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[FederatedConfig, SiteData, nn.Module]:
+    """The run's settings, this site's data, and the received global model ready to use."""
+    config = FederatedConfig.from_run_config(run_config)
     site = load_site(_site_path(node_config, config), config.seed)
     index = site.store.index
     if list(index.class_names) != config.classes or index.roi_size != config.roi_size:
@@ -58,16 +62,15 @@ def _load(node_config: Mapping[str, Any], config: FederatedConfig) -> tuple[Site
             f"run ({config.roi_size} px, classes {config.classes}): re-run `pneumofed prepare` with matching settings"
         )
     model = build_model(config.model, site.num_classes, in_channels=1, width=config.model_width)
-    return site, model
+    load_exchanged_state(model, arrays.to_torch_state_dict())
+    return config, site, model
 
 
 def train_locally(
     arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
 ) -> RecordDict:
     """One round of local training from the global `arrays`; returns the reply content."""
-    config = FederatedConfig.from_run_config(run_config)
-    site, model = _load(node_config, config)
-    load_exchanged_state(model, arrays.to_torch_state_dict())
+    config, site, model = _global_model_at_site(arrays, run_config, node_config)
     server_round = int(instruction["server-round"])
     train_config = training.TrainConfig(
         epochs=int(instruction.get("local-epochs", config.local_epochs)),
@@ -99,29 +102,23 @@ def evaluate_locally(
     arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
 ) -> RecordDict:
     """Evaluate the global `arrays` on this site's validation (or, when asked, test) part."""
-    config = FederatedConfig.from_run_config(run_config)
-    site, model = _load(node_config, config)
-    load_exchanged_state(model, arrays.to_torch_state_dict())
+    config, site, model = _global_model_at_site(arrays, run_config, node_config)
     data = site.part(str(instruction.get("split", "val")))
     result = training.evaluate(
         model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)
     )
     histogram = ScoreHistogram.from_scores(result.labels, result.probs)
-    confusion = _confusion(result.labels, result.probs.argmax(axis=1), site.num_classes)
+    confusion = confusion_counts(result.labels, result.probs)
     metrics = MetricRecord(
         {
             "num-examples": len(data),
             "eval-loss": float(result.loss),
             "eval-accuracy": float(result.accuracy),
-            "confusion": confusion,
+            "confusion": [int(count) for count in confusion.ravel()],
             **histogram.to_flat(),
         }
     )
     return RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site_name(node_config, config)})})
-
-
-def _confusion(labels: Any, predictions: Any, num_classes: int) -> list[int]:
-    return [int(v) for v in confusion_matrix(labels, predictions, labels=list(range(num_classes))).ravel()]
 
 
 @app.train()

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # hospital servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(path: Path, x: Sequence[int], series: Mapping[str, Sequence[float | None]], xlabel: str, title: str) -> Path:
@@ -22,6 +23,7 @@ def plot_curves(path: Path, x: Sequence[int], series: Mapping[str, Sequence[floa
                 ys = [np.nan if v is None else v for v in values]
                 axis.plot(list(x), ys, marker="o", label=name)
         axis.set_xlabel(xlabel)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(panel)
         axis.grid(alpha=0.3)
         axis.legend()

@@ -19,8 +19,7 @@ from pneumofed.common.modelfile import load_model_file
 from pneumofed.common.prepare import MIN_ROI_SIDE, Box
 
 # Private to prepare, imported rather than copied: predictions must cut ROIs exactly as prepare does.
-from pneumofed.common.prepare import _cut_rois as cut_rois  # noqa: PLC2701
-from pneumofed.common.prepare import _stored_shape as stored_shape  # noqa: PLC2701
+from pneumofed.common.prepare import cut_rois, stored_shape
 from pneumofed.common.training import select_device
 
 

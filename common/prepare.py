@@ -280,7 +280,7 @@ def read_annotations(csv_path: Path) -> tuple[list[Annotation], list[Reject]]:
 
 
 @dataclass(frozen=True)
-class _Cut:
+class RoiCut:
     """What decoding one source file gave: ROIs for the boxes inside the image, in input order."""
 
     image_shape: tuple[int, int] = (0, 0)
@@ -290,15 +290,15 @@ class _Cut:
     rejected: tuple[str, str] | None = None  # (reason, detail)
 
 
-def _cut_rois(path: Path, boxes: list[Box], roi_size: int, spacing_mm: float | None) -> _Cut:
+def cut_rois(path: Path, boxes: list[Box], roi_size: int, spacing_mm: float | None) -> RoiCut:
     try:
         radiograph = load_radiograph(path, target_spacing_mm=spacing_mm)
     except DicomRejected as rejected:
-        return _Cut(rejected=(rejected.reason, rejected.detail))
+        return RoiCut(rejected=(rejected.reason, rejected.detail))
     except Exception as error:  # noqa: BLE001 - any decoder failure is a rejected file, never a crash
-        return _Cut(rejected=("undecodable", f"{type(error).__name__}: {error}"))
+        return RoiCut(rejected=("undecodable", f"{type(error).__name__}: {error}"))
     pixels, scale = radiograph.pixels, radiograph.scale
-    shape = pixels.shape if scale == 1.0 else _stored_shape(path)
+    shape = pixels.shape if scale == 1.0 else stored_shape(path)
     inside = tuple(box_inside(box, shape) for box in boxes)
     rois = [
         resize_roi(square_crop(pixels, scale_box(box, scale, pixels.shape) if scale != 1.0 else box), roi_size)
@@ -306,14 +306,14 @@ def _cut_rois(path: Path, boxes: list[Box], roi_size: int, spacing_mm: float | N
         if ok
     ]
     stacked = np.stack(rois) if rois else np.empty((0, roi_size, roi_size), np.uint8)
-    return _Cut((int(shape[0]), int(shape[1])), radiograph.patient_id.strip(), stacked, inside)
+    return RoiCut((int(shape[0]), int(shape[1])), radiograph.patient_id.strip(), stacked, inside)
 
 
 # ---------------------------------------------------------------------------------------------
 # The prepare run
 
 
-def _stored_shape(path: Path) -> tuple[int, int]:
+def stored_shape(path: Path) -> tuple[int, int]:
     # Resampling floors the size, so the stored size cannot be inferred back from the pixels.
     header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
     return int(header.Rows), int(header.Columns)
@@ -520,24 +520,24 @@ def _relabel(old: list[RoiRecord], source: _Source, label_map: dict[str, int]) -
     return relabelled
 
 
-def _decode_all(sources: list[_Source], roi_size: int, spacing_mm: float | None, workers: int | None) -> dict[str, _Cut]:
+def _decode_all(sources: list[_Source], roi_size: int, spacing_mm: float | None, workers: int | None) -> dict[str, RoiCut]:
     workers = workers or min(2, os.cpu_count() or 1)
     jobs = [(s.path, list(s.rows), roi_size, spacing_mm) for s in sources]
     if workers == 1 or len(jobs) < 8:  # a pool costs more than it saves on a handful of files
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            cuts = [_cut_rois(*job) for job in jobs]
+            cuts = [cut_rois(*job) for job in jobs]
         finally:
             torch.set_num_threads(threads)
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            cuts = list(pool.map(_cut_rois, *zip(*jobs), chunksize=4))
+            cuts = list(pool.map(cut_rois, *zip(*jobs), chunksize=4))
     return {s.sha256: cut for s, cut in zip(sources, cuts, strict=True)}
 
 
 def _store_cut(
-    out_dir: Path, source: _Source, cut: _Cut, label_map: dict[str, int], secret: bytes, rejects: list[Reject]
+    out_dir: Path, source: _Source, cut: RoiCut, label_map: dict[str, int], secret: bytes, rejects: list[Reject]
 ) -> list[RoiRecord]:
     lines = sorted(a.line for a in source.rows.values())
     if cut.rejected:

@@ -125,6 +125,8 @@ def dataset_labels(dataset: Dataset) -> Tensor:
         return dataset.tensors[1].to(torch.int64).reshape(-1)
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    if isinstance(getattr(dataset, "labels", None), Tensor):
+        return dataset.labels.to(torch.int64).reshape(-1)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
 
 

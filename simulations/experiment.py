@@ -477,7 +477,7 @@ def _with_ci(row: dict[str, Any], key: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     aucs = [k for k in rows[0] if k.startswith("auc ") and not k.endswith(("ci-low", "ci-high"))]
-    header = ["arm", "name", "n", "accuracy", "precision", "recall", "F1", *[k.upper().replace("AUC ", "AUC ") for k in aucs],
+    header = ["arm", "name", "n", "accuracy", "precision", "recall", "F1", *[f"AUC {k[4:]} [95% CI]" for k in aucs],
               "macro AUC [95% CI]", "wall s", "peak GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

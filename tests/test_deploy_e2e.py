@@ -323,6 +323,5 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Fede
     # Each site trained on its own data, so the three updates of a round differ.
     assert all(len(digests) == len(HOSPITALS) for digests in digests_by_round.values())
 
-    for name, process in nodes.items():
-        fed.processes.stop(process)
-        assert process.returncode is not None, name
+    for name, process in nodes.items():  # SIGTERM is enough: no SuperNode needs killing
+        assert fed.processes.stop(process) != -signal.SIGKILL, name

@@ -59,9 +59,11 @@ def test_relative_data_paths_are_relative_to_the_config(tmp_path: Path) -> None:
 def test_process_tree_memory_counts_child_processes() -> None:
     with ProcessTreeMemory(interval_s=0.05) as alone:
         time.sleep(0.3)
-    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(2)"])
+    # Non-zero bytes so the pages are really touched (zeroed memory may stay unmapped).
+    script = "b = b'x' * (300 * 2**20); print('ready', flush=True); import time; time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        assert child.stdout.readline().strip() == "ready"
         with ProcessTreeMemory(interval_s=0.05) as with_child:
             time.sleep(0.3)
     finally:
