@@ -22,6 +22,7 @@ Outputs (``--out``; one ``fold-NN/`` folder per fold in k-fold mode):
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import copy
 import csv
 import json
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from pneumofed.common.augment import DEFAULT_AUGMENTATION, AugmentationConfig, build_augmentation
 from pneumofed.common.evaluate import DEFAULT_BOOTSTRAP, summarise, write_summary
@@ -177,6 +178,42 @@ def train_centralised(stores: list[Path], settings: CentralisedSettings) -> Cent
     return CentralisedResult(out, results, summary)
 
 
+def train_keeping_best_epoch(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    class_names: list[str],
+    config: TrainConfig,
+    augment: Callable[[Tensor], Tensor] | None,
+) -> tuple[list[dict[str, float | None]], int]:
+    """Train `model` and leave it at its best epoch: highest validation macro AUC, as the federated
+    server keeps its best round; lower validation loss breaks ties and decides when AUC is undefined.
+
+    Returns the per-epoch history (train and val loss/accuracy, val macro AUC) and the best epoch (1-based).
+    """
+    history: list[dict[str, float | None]] = []
+    best: dict[str, Any] = {"key": (-math.inf, -math.inf)}
+
+    def validate(epoch: int, trained: TrainHistory) -> None:
+        evaluation = evaluate(model, val_set, config)
+        macro_auc = classification_report(evaluation.labels, evaluation.probs, class_names).macro_auc
+        history.append({
+            "epoch": epoch + 1,
+            "train loss": trained.loss[-1],
+            "train accuracy": trained.accuracy[-1],
+            "val loss": evaluation.loss,
+            "val accuracy": evaluation.accuracy,
+            "val auc": macro_auc,
+        })
+        key = (-math.inf if macro_auc is None else macro_auc, -evaluation.loss)
+        if key > best["key"]:
+            best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
+
+    train(model, train_set, config, augment=augment, on_epoch_end=validate)
+    model.load_state_dict(best["state"])
+    return history, best["epoch"]
+
+
 def _train_one(
     data: PooledStores,
     parts: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -193,27 +230,9 @@ def _train_one(
     model = build_model(settings.model, len(data.class_names), width=settings.width)
     augment = None if settings.augmentation is None else build_augmentation(settings.augmentation)
 
-    history: list[dict[str, float | None]] = []
-    best: dict[str, Any] = {"key": (-math.inf, -math.inf)}
-
-    def validate(epoch: int, trained: TrainHistory) -> None:
-        evaluation = evaluate(model, val_set, settings.training)
-        macro_auc = classification_report(evaluation.labels, evaluation.probs, data.class_names).macro_auc
-        history.append({
-            "epoch": epoch + 1,
-            "train loss": trained.loss[-1],
-            "train accuracy": trained.accuracy[-1],
-            "val loss": evaluation.loss,
-            "val accuracy": evaluation.accuracy,
-            "val auc": macro_auc,
-        })
-        # Best validation macro AUC; lower validation loss breaks ties and decides when AUC is undefined.
-        key = (-math.inf if macro_auc is None else macro_auc, -evaluation.loss)
-        if key > best["key"]:
-            best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
-
-    train(model, train_set, settings.training, augment=augment, on_epoch_end=validate)
-    model.load_state_dict(best["state"])
+    history, best_epoch = train_keeping_best_epoch(
+        model, train_set, val_set, data.class_names, settings.training, augment
+    )
 
     card = ModelCard(
         model=settings.model,
@@ -223,8 +242,8 @@ def _train_one(
         spacing_mm=data.spacing_mm,
         provenance={
             "trainer": "centralised",
-            "epoch": best["epoch"],
-            "val_macro_auc": history[best["epoch"] - 1]["val auc"],
+            "epoch": best_epoch,
+            "val_macro_auc": history[best_epoch - 1]["val auc"],
             "seed": settings.training.seed,
         },
     )
@@ -236,13 +255,13 @@ def _train_one(
         evaluation.labels, evaluation.probs, data.class_names,
         loss=evaluation.loss, n_boot=settings.bootstrap, seed=settings.training.seed,
     )
-    test = {"split": "test", "best-epoch": best["epoch"], **test}
-    test["outputs"] = write_summary(out, test, report, f"{title}, test (epoch {best['epoch']})", prefix="test_")
+    test = {"split": "test", "best-epoch": best_epoch, **test}
+    test["outputs"] = write_summary(out, test, report, f"{title}, test (epoch {best_epoch})", prefix="test_")
     keys = data.patient_keys
     return FoldResult(
         out_dir=out,
         model_path=model_path,
-        best_epoch=best["epoch"],
+        best_epoch=best_epoch,
         history=history,
         test=test,
         train_patients=frozenset(keys[train_idx]),

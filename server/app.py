@@ -65,6 +65,7 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
             evaluate_config=ConfigRecord({"split": "val"}),
             evaluate_fn=record_round,
         )
+    run.write_plots(strategy.evaluations.get(run.completed_rounds))
     best = run.best_arrays()
     if best is None:
         log.warning("no round produced a pooled AUC; skipping the final test evaluation")

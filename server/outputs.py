@@ -7,6 +7,7 @@ Layout (all under the run directory):
   models/best.pt            the round with the best pooled macro AUC on the sites' validation parts
   final.json                the best model evaluated once on the sites' test parts
   plots/*.png               loss/accuracy/AUC per round, pooled ROC per class, confusion matrix
+                            (drawn when the rounds are done)
   state/checkpoint.pt       what `--resume` needs: last round, global arrays, optimiser state
   audit.jsonl               the run audit: starts, each round's participants and global model digest, end
 """
@@ -107,7 +108,6 @@ class RunDirectory:
             self.best_round, self.best_macro_auc = server_round, macro
             _replace(model_path, self.path / "models" / "best.pt")
         self._write_metrics()
-        self._plot_round(evaluation)
         state = {
             "config": self.config.model_dump(),
             "round": server_round,
@@ -161,7 +161,14 @@ class RunDirectory:
             writer.writerows(rows)
         os.replace(partial, self.path / "metrics.csv")
 
-    def _plot_round(self, evaluation: PooledEvaluation | None) -> None:
+    def write_plots(self, last_evaluation: PooledEvaluation | None) -> None:
+        """Curves over all recorded rounds, and the last round's pooled ROC and confusion matrix.
+
+        Drawn once a run's rounds are done rather than every round: matplotlib costs about as much
+        as a round of local training on small sites.
+        """
+        if not self.history:
+            return
         rounds = [record["round"] for record in self.history]
         columns = {
             "train loss": "train-loss",
@@ -172,8 +179,8 @@ class RunDirectory:
         }
         series = {label: [record.get(key) for record in self.history] for label, key in columns.items()}
         plot_curves(self.path / "plots" / "curves.png", rounds, series, "round", "Federated training")
-        if evaluation is not None:
-            report = evaluation.report
+        if last_evaluation is not None:
+            report = last_evaluation.report
             _plot_report_roc(self.path / "plots" / "roc.png", report, f"Pooled ROC per class (round {rounds[-1]})")
             plot_confusion(self.path / "plots" / "confusion.png", report.confusion_matrix, report.class_names, f"Round {rounds[-1]}")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
@@ -159,9 +160,21 @@ class PneumofedRounds:
             self.rejected_updates.setdefault(round_number, []).append({"node": node, "reason": problem})
         self.participants[round_number] = [reply.metadata.src_node_id for reply in accepted if not reply.has_error()]
         arrays, metrics = super().aggregate_train(round_number, accepted)  # type: ignore[misc]
+        if arrays is not None:
+            arrays = self._in_global_dtypes(arrays)
         if metrics is not None:
             self.train_metrics[round_number] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return arrays, metrics
+
+    def _in_global_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        # Server optimisers (FedAdam's moments) compute in float64; sites train in float32 and
+        # their next updates are checked against the global model's dtypes.
+        return ArrayRecord(
+            {
+                name: torch.from_numpy(array.numpy().astype(self._global_arrays[name].numpy().dtype, copy=False))
+                for name, array in arrays.items()
+            }
+        )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]

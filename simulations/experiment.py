@@ -19,10 +19,8 @@ SuperLink and Ray workers included). An arm whose outputs exist with identical s
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
-import math
 import shutil
 import sys
 import threading
@@ -39,16 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch.utils.data import ConcatDataset, Dataset
 
 from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.centralised import CentralisedSettings, PooledStores, train_centralised
+from pneumofed.common.centralised import CentralisedSettings, PooledStores, train_centralised, train_keeping_best_epoch
 from pneumofed.common.config import FederatedConfig, StrategyName
 from pneumofed.common.evaluate import summarise, write_summary
-from pneumofed.common.metrics import classification_report
 from pneumofed.common.modelfile import ModelCard, load_model_file, save_model_file
 from pneumofed.common.models import MODEL_NAMES, build_model
 from pneumofed.common.plots import plot_curves
 from pneumofed.common.roistore import RoiStore
 from pneumofed.common.site import SiteData, load_site
-from pneumofed.common.training import TrainConfig, TrainHistory, evaluate, seed_everything, train
+from pneumofed.common.training import TrainConfig, evaluate, seed_everything
 from pneumofed.simulations.flower import run_simulation
 from pneumofed.simulations.partition import PartitionConfig, partition_stores, prepare_natural_sites, site_summary
 from pneumofed.simulations.run import synthetic_sites
@@ -274,25 +271,14 @@ def _train_config(config: ExperimentConfig, seed: int) -> TrainConfig:
 def fit_best_epoch(
     model_name: str, train_set: Dataset, val_set: Dataset, class_names: list[str], settings: TrainConfig, augment: bool
 ) -> tuple[Any, list[tuple[float, float | None]], int]:
-    """Train, keeping the epoch with the best validation macro AUC (lower loss breaks ties), as the
-    federated server keeps its best round. Returns (model, [(epoch, val macro AUC)], best epoch)."""
+    """A fresh seeded model trained to its best validation epoch (`train_keeping_best_epoch`).
+    Returns (model, [(epoch, val macro AUC)], best epoch)."""
     seed_everything(settings.seed)
     model = build_model(model_name, len(class_names))
-    curve: list[tuple[float, float | None]] = []
-    best: dict[str, Any] = {"key": (-math.inf, -math.inf)}
-
-    def validate(epoch: int, _: TrainHistory) -> None:
-        result = evaluate(model, val_set, settings)
-        auc = classification_report(result.labels, result.probs, class_names).macro_auc
-        curve.append((epoch + 1, auc))
-        key = (-math.inf if auc is None else auc, -result.loss)
-        if key > best["key"]:
-            best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
-
-    train(model, train_set, settings, augment=build_augmentation(DEFAULT_AUGMENTATION) if augment else None,
-          on_epoch_end=validate)
-    model.load_state_dict(best["state"])
-    return model, curve, best["epoch"]
+    history, best_epoch = train_keeping_best_epoch(
+        model, train_set, val_set, class_names, settings, build_augmentation(DEFAULT_AUGMENTATION) if augment else None
+    )
+    return model, [(row["epoch"], row["val auc"]) for row in history], best_epoch
 
 
 def _scored(config: ExperimentConfig, model, test_set: Dataset, class_names: list[str], out: Path, title: str) -> dict[str, Any]:

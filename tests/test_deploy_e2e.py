@@ -68,7 +68,7 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
-    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal the process, wait for it, then make sure nothing of its group survives."""
         if process.poll() is None:
             os.kill(process.pid, sig)

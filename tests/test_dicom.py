@@ -21,7 +21,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
-    generate_uid,
 )
 
 from pneumofed.common.dicom import REJECTION_REASONS, DicomRejected, Radiograph, load_radiograph

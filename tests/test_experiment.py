@@ -12,7 +12,6 @@ import pytest
 from pydantic import ValidationError
 
 from pneumofed.simulations.experiment import (
-    ExperimentConfig,
     ProcessTreeMemory,
     configure_parser,
     load_config,

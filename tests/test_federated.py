@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from sklearn.metrics import roc_auc_score
 
 from pneumofed.client.app import evaluate_locally, train_locally
@@ -233,6 +233,17 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(synthetic_si
     final_b = torch.load(resumed.path / "models" / "round-002.pt", weights_only=True)["state"]
     for name in final_a:
         torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_keeps_the_global_model_in_the_sites_dtypes_so_later_rounds_are_accepted(name, synthetic_sites, tmp_path, flower_identity):
+    run, _ = federate(synthetic_sites[:2], run_config(tmp_path, strategy=name, **{"num-server-rounds": 2}))
+    history = json.loads((run.path / "metrics.json").read_text())
+    assert [record["rejected-updates"] for record in history] == [[], []]
+    round_1 = torch.load(run.path / "models" / "round-001.pt", weights_only=True)["state"]
+    round_2 = torch.load(run.path / "models" / "round-002.pt", weights_only=True)["state"]
+    assert all(tensor.dtype == torch.float32 for tensor in round_2.values())
+    assert any(not torch.equal(round_1[key], round_2[key]) for key in round_1), "round 2 changed nothing"
 
 
 def test_a_finished_run_directory_is_never_overwritten_without_resume(synthetic_sites, tmp_path, flower_identity):
