@@ -5,6 +5,7 @@ Layout (all under the run directory):
   metrics.json, metrics.csv one record per completed round (pooled and per-site evaluation)
   models/round-NNN.pt       the global model after every round (pneumofed model files)
   models/best.pt            the round with the best pooled macro AUC on the sites' validation parts
+                            (lower validation loss breaks ties)
   final.json                the best model evaluated once on the sites' test parts
   plots/*.png               loss/accuracy/AUC per round, pooled ROC per class, confusion matrix
                             (drawn when the rounds are done)
@@ -46,7 +47,7 @@ class RunDirectory:
         self.global_arrays: ArrayRecord | None = None
         self.optimiser_state: dict[str, Any] = {}
         self.best_round: int | None = None
-        self.best_macro_auc = float("-inf")
+        self.best_key = (float("-inf"), float("-inf"))
 
     @classmethod
     def open(cls, config: FederatedConfig, flower_run_id: int) -> RunDirectory:
@@ -82,7 +83,7 @@ class RunDirectory:
         self.completed_rounds = state["round"]
         self.global_arrays = ArrayRecord(state["arrays"])
         self.optimiser_state = state["optimiser_state"]
-        self.best_round, self.best_macro_auc = state["best_round"], state["best_macro_auc"]
+        self.best_round, self.best_key = state["best_round"], tuple(state["best_key"])
         self.history = json.loads((self.path / "metrics.json").read_text())[: self.completed_rounds]
 
     def record_round(
@@ -103,10 +104,14 @@ class RunDirectory:
         self.history.append(record)
 
         model_path = self.save_model(self.path / "models" / f"round-{server_round:03d}.pt", arrays, server_round)
-        macro = evaluation.report.macro_auc if evaluation is not None else None
-        if macro is not None and macro > self.best_macro_auc:
-            self.best_round, self.best_macro_auc = server_round, macro
-            _replace(model_path, self.path / "models" / "best.pt")
+        if evaluation is not None:
+            # Best pooled validation macro AUC; lower validation loss breaks ties (near-constant
+            # early scores all give 0.5) and decides when no AUC is defined.
+            macro = evaluation.report.macro_auc
+            key = (float("-inf") if macro is None else macro, -evaluation.loss)
+            if key > self.best_key:
+                self.best_round, self.best_key = server_round, key
+                _replace(model_path, self.path / "models" / "best.pt")
         self._write_metrics()
         state = {
             "config": self.config.model_dump(),
@@ -114,7 +119,7 @@ class RunDirectory:
             "arrays": arrays.to_torch_state_dict(),
             "optimiser_state": optimiser_state,
             "best_round": self.best_round,
-            "best_macro_auc": self.best_macro_auc,
+            "best_key": list(self.best_key),
         }
         (self.path / "state").mkdir(exist_ok=True)
         partial = self.path / "state" / "checkpoint.pt.partial"

@@ -21,7 +21,8 @@ from pneumofed.common.weights import exchanged_state
 from pneumofed.deploy.audit import array_digest, read_audit
 from pneumofed.server.app import initial_arrays, run_federation
 from pneumofed.server.outputs import RunDirectory
-from pneumofed.server.strategy import STRATEGIES, build_strategy
+from pneumofed.common.metrics import ScoreHistogram, confusion_counts, report_from_counts
+from pneumofed.server.strategy import STRATEGIES, PooledEvaluation, build_strategy
 
 CLASSES = ["nodule", "interstitial", "emphysema"]
 SMALL_RUN = {"model-width": 0.5, "roi-size": 32, "local-epochs": 1, "batch-size": 16, "learning-rate": 1e-3}
@@ -308,3 +309,17 @@ def test_pyproject_run_config_defaults_match_the_typed_config():
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
     assert FederatedConfig.from_run_config(defaults).to_run_config() == FederatedConfig().to_run_config()
     assert set(defaults) == set(FederatedConfig().to_run_config())
+
+
+def test_the_best_round_is_the_best_pooled_auc_and_lower_validation_loss_breaks_ties(tmp_path):
+    config = FederatedConfig.from_run_config(run_config(tmp_path))
+    run = RunDirectory.open(config, flower_run_id=1)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    constant = np.full((6, 3), 1 / 3)  # every class AUC 0.5, as an untrained network gives
+    report = report_from_counts(
+        ScoreHistogram.from_scores(labels, constant), confusion_counts(labels, constant), CLASSES
+    )
+    arrays = initial_arrays(config)
+    for server_round, loss in ((1, 1.10), (2, 1.05), (3, 1.08)):
+        run.record_round(server_round, arrays, None, PooledEvaluation(report, loss, 6), [], {}, [])
+    assert run.best_round == 2
