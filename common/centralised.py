@@ -44,7 +44,7 @@ from pneumofed.common.metrics import classification_report
 from pneumofed.common.modelfile import ModelCard, save_model_file
 from pneumofed.common.models import MODEL_NAMES, build_model
 from pneumofed.common.plots import plot_curves
-from pneumofed.common.roistore import RoiStore
+from pneumofed.common.roistore import open_matching_stores
 from pneumofed.common.splits import patient_kfold, train_val_test_split
 from pneumofed.common.training import TrainConfig, TrainHistory, evaluate, seed_everything, train
 
@@ -114,18 +114,8 @@ class PooledStores:
 
     @classmethod
     def open(cls, paths: list[Path]) -> PooledStores:
-        if not paths:
-            raise ValueError("at least one ROI store is needed")
-        stores = [RoiStore.open(path) for path in paths]
+        stores = open_matching_stores(paths)
         first = stores[0].index
-        for store in stores[1:]:
-            settings = (store.index.roi_size, store.index.spacing_mm, store.index.class_names)
-            if settings != (first.roi_size, first.spacing_mm, first.class_names):
-                raise ValueError(
-                    f"stores differ: {stores[0].path} has roi_size={first.roi_size}, spacing_mm={first.spacing_mm}, "
-                    f"classes={list(first.class_names)}; {store.path} has roi_size={settings[0]}, "
-                    f"spacing_mm={settings[1]}, classes={list(settings[2])}"
-                )
         keys = [f"{position}:{key}" for position, store in enumerate(stores) for key in store.patient_keys]
         return cls(
             images=torch.cat([store.images for store in stores]),

@@ -148,6 +148,23 @@ class RoiStore:
         return dict(zip(self.class_names, counts, strict=True))
 
 
+def open_matching_stores(paths: Sequence[str | Path]) -> list[RoiStore]:
+    """Open several stores for pooling; they must share ROI size, spacing and class names."""
+    if not paths:
+        raise ValueError("pooling needs at least one ROI store")
+    stores = [RoiStore.open(path) for path in paths]
+    first = stores[0].index
+    for store in stores[1:]:
+        index = store.index
+        if (index.class_names, index.roi_size, index.spacing_mm) != (first.class_names, first.roi_size, first.spacing_mm):
+            raise ValueError(
+                f"{store.path} ({index.roi_size} px, {index.spacing_mm} mm, {list(index.class_names)}) does not match "
+                f"{stores[0].path} ({first.roi_size} px, {first.spacing_mm} mm, {list(first.class_names)}): "
+                "prepare them with the same settings"
+            )
+    return stores
+
+
 def _load_shard(store_dir: Path, source_sha256: str, size: int) -> np.ndarray:
     path = shard_path(store_dir, source_sha256)
     if not path.is_file():

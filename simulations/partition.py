@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pneumofed.common.prepare import prepare_site
-from pneumofed.common.roistore import INDEX_FILE, RoiIndex, RoiRecord, RoiStore, write_index, write_shard
+from pneumofed.common.roistore import INDEX_FILE, RoiIndex, RoiRecord, RoiStore, open_matching_stores, write_index, write_shard
 
 # load_site splits every site 70/20/10 by patient, so a site needs at least 10 patients.
 MIN_SITE_PATIENTS = 10
@@ -66,17 +66,8 @@ class PooledRois:
 
 
 def pool_stores(paths: Sequence[Path]) -> PooledRois:
-    if not paths:
-        raise ValueError("pooling needs at least one ROI store")
-    stores = [RoiStore.open(p) for p in paths]
+    stores = open_matching_stores(paths)
     first = stores[0].index
-    for store in stores[1:]:
-        index = store.index
-        if (index.class_names, index.roi_size, index.spacing_mm) != (first.class_names, first.roi_size, first.spacing_mm):
-            raise ValueError(
-                f"{store.path} ({index.roi_size} px, {index.spacing_mm} mm, {index.class_names}) does not match "
-                f"{stores[0].path} ({first.roi_size} px, {first.spacing_mm} mm, {first.class_names}); prepare alike"
-            )
     checks = sorted({s.index.secret_check for s in stores})
     return PooledRois(
         class_names=first.class_names,
