@@ -150,7 +150,9 @@ class PneumofedRounds:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_number = server_round + self.round_offset
         accepted = []
-        for reply in replies:
+        # Replies arrive in network order; summing them in node order makes the aggregate (and a
+        # resumed run) reproducible to the last bit.
+        for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
             problem = None if reply.has_error() else update_problem(self._global_arrays, reply.content, self.max_update_ratio)
             if problem is None:
                 accepted.append(reply)
@@ -181,7 +183,7 @@ class PneumofedRounds:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         round_number = server_round + self.round_offset
-        replies = list(replies)
+        replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         self.evaluations[round_number] = self.pool(replies)
         return super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
 

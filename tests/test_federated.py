@@ -189,6 +189,23 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
         np.testing.assert_allclose(array.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, strategy="fedadam")
+    config = FederatedConfig.from_run_config(config_dict)
+    grid = InProcessGrid(synthetic_sites, config_dict)
+    global_arrays = initial_arrays(config)
+    replies = grid.send_and_receive(build_strategy(config, CLASSES).configure_train(1, global_arrays, ConfigRecord(), grid))
+
+    aggregates = []
+    for order in (replies, replies[::-1]):
+        strategy = build_strategy(config, CLASSES)
+        list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
+        aggregates.append(strategy.aggregate_train(1, order)[0])
+
+    for name, array in aggregates[0].items():
+        np.testing.assert_array_equal(array.numpy(), aggregates[1][name].numpy())
+
+
 METRIC_KEYS_TRAIN = {"num-examples", "train-loss", "train-accuracy"}
 METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "confusion"}
 
