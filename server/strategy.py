@@ -90,6 +90,13 @@ class PooledEvaluation:
             "site-auc": self.site_auc,
         }
 
+    def metric_record(self) -> MetricRecord:
+        """The scalars Flower logs and keeps for the round."""
+        record = {"num-examples": self.num_examples, "eval-loss": self.loss, "eval-accuracy": self.report.accuracy}
+        if self.report.macro_auc is not None:
+            record["macro-auc"] = self.report.macro_auc
+        return MetricRecord(record)
+
 
 def pool_evaluations(contents: list[RecordDict], site_names: list[str], class_names: list[str]) -> PooledEvaluation:
     """Exact pooling: histograms and confusion matrices are summed, never site AUCs averaged."""
@@ -111,22 +118,6 @@ def pool_evaluations(contents: list[RecordDict], site_names: list[str], class_na
     )
 
 
-def _pooled_metric_record(contents: list[RecordDict], _weighted_by_key: str) -> MetricRecord:
-    """Flower-facing aggregate of evaluation replies: scalars only, so its log stays readable."""
-    metrics = [next(iter(content.metric_records.values())) for content in contents]
-    histogram = ScoreHistogram.merge(ScoreHistogram.from_flat(m) for m in metrics)
-    counts = np.array([int(m["num-examples"]) for m in metrics])
-    record = {
-        "num-examples": int(counts.sum()),
-        "eval-loss": float(np.average([float(m["eval-loss"]) for m in metrics], weights=counts)),
-        "eval-accuracy": float(np.average([float(m["eval-accuracy"]) for m in metrics], weights=counts)),
-    }
-    macro = histogram.macro_auc()
-    if macro is not None:
-        record["macro-auc"] = float(macro)
-    return MetricRecord(record)
-
-
 class PneumofedRounds:
     """Mixin placed before a Flower strategy class; see the module docstring."""
 
@@ -142,6 +133,7 @@ class PneumofedRounds:
         self.participants: dict[int, list[int]] = {}
         self.evaluations: dict[int, PooledEvaluation] = {}
         self._global_arrays: ArrayRecord | None = None
+        self._pooled_now: PooledEvaluation | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global_arrays = arrays
@@ -185,7 +177,13 @@ class PneumofedRounds:
         round_number = server_round + self.round_offset
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         self.evaluations[round_number] = self.pool(replies)
+        self._pooled_now = self.evaluations[round_number]
         return super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
+
+    def _pooled_metric_record(self, _contents: list[RecordDict], _weighted_by_key: str) -> MetricRecord:
+        # Flower's aggregation hook: hand it the pooling aggregate_evaluate has just done rather
+        # than decode and sum the sites' histograms a second time.
+        return self._pooled_now.metric_record()
 
     def pool(self, replies: list[Message]) -> PooledEvaluation | None:
         answered = [reply for reply in replies if not reply.has_error()]
@@ -216,7 +214,6 @@ def build_strategy(config: FederatedConfig, class_names: list[str]) -> FedAvg:
         "min_train_nodes": config.min_nodes,
         "min_evaluate_nodes": config.min_nodes,
         "min_available_nodes": config.min_nodes,
-        "evaluate_metrics_aggr_fn": _pooled_metric_record,
     }
     specific: dict[str, dict[str, Any]] = {
         "fedprox": {"proximal_mu": config.proximal_mu},
@@ -228,4 +225,5 @@ def build_strategy(config: FederatedConfig, class_names: list[str]) -> FedAvg:
     strategy_class = type(f"Pneumofed{base.__name__}", (PneumofedRounds, base), {})
     strategy = strategy_class(**common, **specific.get(config.strategy, {}))
     strategy._init_rounds(config.max_update_ratio, class_names)
+    strategy.evaluate_metrics_aggr_fn = strategy._pooled_metric_record
     return strategy
