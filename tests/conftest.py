@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -28,16 +29,15 @@ def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from pneumofed.common.synth import write_hospitals
 
     root = tmp_path_factory.mktemp("synthetic")
+    (root / "secrets").mkdir()
     stores = []
     for hospital in write_hospitals(root / "dicom", n_hospitals=3, rois_per_hospital=40, seed=7):
         store = root / "stores" / hospital.name
-        prepare_site(
-            hospital / "dicom",
-            hospital / "annotations.csv",
-            store,
-            roi_size=32,
-            secret_path=root / "secrets" / f"{hospital.name}.key",
-        )
+        # A fixed site secret: pseudonyms decide the patient-grouped splits, so a random secret
+        # would give every test session different training and evaluation data.
+        secret = root / "secrets" / f"{hospital.name}.key"
+        secret.write_bytes(hashlib.sha256(hospital.name.encode()).digest())
+        prepare_site(hospital / "dicom", hospital / "annotations.csv", store, roi_size=32, secret_path=secret)
         stores.append(store)
     return stores
 

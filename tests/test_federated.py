@@ -127,6 +127,9 @@ def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sit
     for k, name in enumerate(CLASSES):
         assert pooled.report.per_class[k].auc == pytest.approx(roc_auc_score(labels == k, probs[:, k]), abs=0.002)
     assert pooled.num_examples == len(labels)
+    flower_record = strategy.aggregate_evaluate(1, replies)
+    assert flower_record["macro-auc"] == pytest.approx(pooled.report.macro_auc)
+    assert flower_record["num-examples"] == len(labels)
 
 
 def _scaled(factor: float) -> Callable[[RecordDict], RecordDict]:
