@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: run test bench
+.PHONY: run test bench system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/pneumofed simulate
 
-test: $(STAMP)
+# The deployment tests need nginx: install it where we can (root with apt), else say what is missing.
+system-packages:
+	@if ! command -v nginx >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing nginx for the deployment tests ..."; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+	            || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null \
+	            || echo "could not install nginx: the deployment tests will be skipped"; \
+	    else \
+	        echo "nginx not found: install it (e.g. 'sudo apt-get install nginx-light') to run the deployment tests"; \
+	    fi; \
+	fi
+
+test: $(STAMP) system-packages
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from pneumofed.common.metrics import ScoreHistogram
-from pneumofed.common.models import build_model
-from pneumofed.common.weights import exchanged_state
+from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.state import floating_state
+from pneumofed.common.metrics.histogram import ScoreHistogram
 from pneumofed.simulations.experiment import ExperimentConfig, run_experiment
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr-abc"
@@ -27,7 +27,7 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr-abc"
 
 def reply_bytes(model_name: str, classes: int, eval_rois: int) -> dict[str, int]:
     """Payload sizes of one round for one client (arrays in float32, metrics as 8-byte numbers)."""
-    arrays = ArrayRecord(exchanged_state(build_model(model_name, classes))).count_bytes()
+    arrays = ArrayRecord(floating_state(build_model(model_name, classes))).count_bytes()
     # Worst case of the sparse histogram: every ROI in its own bin for every class.
     probs = torch.softmax(torch.randn(eval_rois, classes), 1).numpy()
     labels = probs.argmax(1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumofed.common.models import ECA, build_model
+from pneumofed.common.learning.models import ECA, build_model
 
 BATCH_SIZE = 32
 IMAGE_SIZE = 224

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pneumofed.common.models import build_model
-from pneumofed.common.prepare import prepare_site
-from pneumofed.common.roistore import RoiDataset, RoiStore
+from pneumofed.common.data.prepare import prepare_site
+from pneumofed.common.data.store import RoiDataset, RoiStore
+from pneumofed.common.learning.models import build_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr-abc"
 PREPARE_TARGET_S = 10.0

@@ -12,17 +12,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from pneumofed.common import training
-from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.config import FederatedConfig
-from pneumofed.common.metrics import ScoreHistogram, confusion_counts
-from pneumofed.common.models import build_model
-from pneumofed.common.site import SiteData, load_site
-from pneumofed.common.weights import exchanged_state, load_exchanged_state
+from pneumofed.common.data.site import SiteData, load_site
+from pneumofed.common.data.store import StoreRequirements
+from pneumofed.common.federation.audit import append_reply_audit
+from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.learning import training
+from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
+from pneumofed.common.learning.state import floating_state, load_floating_state
+from pneumofed.common.metrics.histogram import ScoreHistogram
+from pneumofed.common.metrics.report import confusion_counts
 
 app = ClientApp()
 
@@ -54,15 +63,10 @@ def _global_model_at_site(
 ) -> tuple[FederatedConfig, SiteData, nn.Module]:
     """The run's settings, this site's data, and the received global model ready to use."""
     config = FederatedConfig.from_run_config(run_config)
-    site = load_site(_site_path(node_config, config), config.seed)
-    index = site.store.index
-    if list(index.class_names) != config.classes or index.roi_size != config.roi_size:
-        raise ValueError(
-            f"this site's ROI store ({index.roi_size} px, classes {list(index.class_names)}) does not match the "
-            f"run ({config.roi_size} px, classes {config.classes}): re-run `pneumofed prepare` with matching settings"
-        )
-    model = build_model(config.model, site.num_classes, in_channels=1, width=config.model_width)
-    load_exchanged_state(model, arrays.to_torch_state_dict())
+    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
+    site = load_site(_site_path(node_config, config), config.seed, required)
+    model = config.build_model()
+    load_floating_state(model, arrays.to_torch_state_dict())
     return config, site, model
 
 
@@ -95,7 +99,7 @@ def train_locally(
             "train-accuracy": float(history.accuracy[-1]),
         }
     )
-    return RecordDict({"arrays": ArrayRecord(exchanged_state(model)), "metrics": metrics})
+    return RecordDict({"arrays": ArrayRecord(floating_state(model)), "metrics": metrics})
 
 
 def evaluate_locally(
@@ -138,8 +142,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _audit(context: Context, msg: Message, content: RecordDict) -> None:
     if "audit-log" not in context.node_config:
         return
-    from pneumofed.deploy.audit import append_reply_audit
-
     append_reply_audit(
         Path(str(context.node_config["audit-log"])),
         run_id=context.run_id,

@@ -4,7 +4,8 @@ Output layout (OUT is `--out`):
 
     OUT/ca/                    the federation CA key: stays with whoever provisions, in no kit
     OUT/coordinator/           SuperLink host: certificate + key, hospitals' public keys, nginx
-                               config, Flower connection (flwr-home/config.toml), scripts
+                               config, Flower connection (flwr-home/config.toml), the Flower app
+                               to run (flower-app/), scripts
     OUT/hospitals/<name>/      one per hospital: CA certificate, its own SuperNode key,
                                node-config.toml, start script
 
@@ -14,13 +15,10 @@ keys (and certificates still valid for the current federation file) unless `--ro
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
-import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -28,8 +26,17 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from pneumofed.common.federation.flower_app import write_flower_app
+from pneumofed.common.files import atomic_write
 from pneumofed.deploy import pki
 
 SLUG = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -196,6 +203,7 @@ def provision(spec: FederationSpec, out_dir: Path, *, rotate: frozenset[str] = f
     values = {"federation": spec.name, "kit": str(coordinator), "control_port": str(spec.superlink.control_port),
               "listen": _host_port(spec.superlink.proxy_bind, spec.superlink.fleet_port)}
     _write_public(coordinator / "nginx.conf", _render("nginx.conf", values))
+    write_flower_app(coordinator / "flower-app")  # what `flwr.sh run flower-app <federation>` ships
     for script in ("start-superlink.sh", "start-proxy.sh", "register-hospitals.sh", "flwr.sh"):
         _write_script(coordinator / script, _render(script, values))
     for unit in ("pneumofed-superlink.service", "pneumofed-proxy.service"):
@@ -279,22 +287,15 @@ def _private_dir(path: Path) -> Path:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a fresh inode: never widen or reuse an old file's permissions
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    atomic_write(path, data, mode=0o600)  # a fresh inode: never widen or reuse an old file's permissions
 
 
 def _write_public(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    path.chmod(0o644)
+    atomic_write(path, data, mode=0o644)
 
 
 def _write_script(path: Path, text: str) -> None:
-    _write_public(path, text)
-    path.chmod(0o755)
+    atomic_write(path, text, mode=0o755)
 
 
 def _is_ip(host: str) -> bool:
@@ -307,29 +308,3 @@ def _is_ip(host: str) -> bool:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("federation_file", type=Path, help="TOML federation file (name, superlink, hospitals)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the CA and the kits")
-    parser.add_argument(
-        "--rotate", action="append", default=[], metavar="NAME",
-        help="replace this key instead of keeping it: 'ca', 'superlink', a hospital name or 'all' (repeatable)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        spec = load_federation(args.federation_file)
-        report = provision(spec, args.out, rotate=frozenset(args.rotate))
-    except (OSError, ValueError) as err:
-        print(f"pneumofed provision: {err}", file=sys.stderr)
-        return 2
-    print(f"coordinator kit: {report.coordinator_kit}")
-    for name, kit in report.hospital_kits.items():
-        print(f"hospital kit {name}: {kit}")
-    print(f"keys created: {', '.join(report.created_keys) or 'none'}; kept: {', '.join(report.kept_keys) or 'none'}")
-    if report.stale_hospital_kits:
-        print(f"not in the federation file any more (kits left untouched, keys no longer registered by "
-              f"register-hospitals.sh): {', '.join(report.stale_hospital_kits)}")
-    return 0

@@ -15,23 +15,25 @@ Layout (all under the run directory):
 
 from __future__ import annotations
 
-import csv
+import io
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord
 
-from pneumofed.common.config import FederatedConfig
-from pneumofed.common.metrics import ClassificationReport
-from pneumofed.common.modelfile import ModelCard, save_model_file
-from pneumofed.common.models import build_model
-from pneumofed.common.plots import plot_confusion, plot_curves, plot_roc
-from pneumofed.common.weights import load_exchanged_state
-from pneumofed.deploy.audit import append_run_audit
-from pneumofed.server.strategy import PooledEvaluation
+from pneumofed.common.federation.audit import append_run_audit
+from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.pooling import PooledEvaluation
+from pneumofed.common.files import atomic_write, write_csv, write_json
+from pneumofed.common.learning.modelfile import ModelCard, save_model_file
+from pneumofed.common.learning.state import load_floating_state
+from pneumofed.common.metrics.plots import plot_confusion, plot_curves, plot_roc
+from pneumofed.common.metrics.report import ClassificationReport, selection_key
+
+if TYPE_CHECKING:
+    from pneumofed.server.rounds import TrainRound
 
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"num_server_rounds", "resume", "round_timeout", "run_dir"}
@@ -63,7 +65,7 @@ class RunDirectory:
                 f"{path} already holds a run; resume it (resume=true) or choose another run-dir"
             )
         path.mkdir(parents=True, exist_ok=True)
-        _write_json(path / "config.json", config.to_run_config() | {"flower-run-id": flower_run_id})
+        write_json(path / "config.json", config.to_run_config() | {"flower-run-id": flower_run_id})
         run.audit("run-resumed" if config.resume else "run-started", details={"completed-rounds": run.completed_rounds})
         return run
 
@@ -90,28 +92,24 @@ class RunDirectory:
         self,
         server_round: int,
         arrays: ArrayRecord,
-        train_metrics: dict[str, float] | None,
+        trained: TrainRound | None,
         evaluation: PooledEvaluation | None,
-        rejected_updates: list[dict[str, Any]],
         optimiser_state: dict[str, Any],
-        participants: list[int],
     ) -> None:
-        record: dict[str, Any] = {"round": server_round, **(train_metrics or {})}
+        record: dict[str, Any] = {"round": server_round, **(trained.metrics if trained else {})}
         record.pop("num-examples", None)
         if evaluation is not None:
             record.update(evaluation.summary())
-        record["rejected-updates"] = rejected_updates
+        rejected = trained.rejected if trained else []
+        record["rejected-updates"] = rejected
         self.history.append(record)
 
         model_path = self.save_model(self.path / "models" / f"round-{server_round:03d}.pt", arrays, server_round)
         if evaluation is not None:
-            # Best pooled validation macro AUC; lower validation loss breaks ties (near-constant
-            # early scores all give 0.5) and decides when no AUC is defined.
-            macro = evaluation.report.macro_auc
-            key = (float("-inf") if macro is None else macro, -evaluation.loss)
+            key = selection_key(evaluation.report.macro_auc, evaluation.loss)
             if key > self.best_key:
                 self.best_round, self.best_key = server_round, key
-                _replace(model_path, self.path / "models" / "best.pt")
+                atomic_write(self.path / "models" / "best.pt", model_path.read_bytes())
         self._write_metrics()
         state = {
             "config": self.config.model_dump(),
@@ -121,17 +119,16 @@ class RunDirectory:
             "best_round": self.best_round,
             "best_key": list(self.best_key),
         }
-        (self.path / "state").mkdir(exist_ok=True)
-        partial = self.path / "state" / "checkpoint.pt.partial"
-        torch.save(state, partial)
-        os.replace(partial, self.path / "state" / "checkpoint.pt")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.path / "state" / "checkpoint.pt", buffer.getvalue())
         self.completed_rounds = server_round
-        self.audit("round", server_round=server_round, participants=participants, arrays=arrays,
-                   details={"rejected-updates": len(rejected_updates)})
+        self.audit("round", server_round=server_round, participants=trained.participants if trained else [],
+                   arrays=arrays, details={"rejected-updates": len(rejected)})
 
     def save_model(self, path: Path, arrays: ArrayRecord, server_round: int) -> Path:
-        model = build_model(self.config.model, len(self.config.classes), in_channels=1, width=self.config.model_width)
-        load_exchanged_state(model, arrays.to_torch_state_dict())
+        model = self.config.build_model()
+        load_floating_state(model, arrays.to_torch_state_dict())
         card = ModelCard(
             model=self.config.model,
             width=self.config.model_width,
@@ -149,22 +146,15 @@ class RunDirectory:
 
     def write_final(self, evaluation: PooledEvaluation) -> None:
         summary = {"best-round": self.best_round, "split": "test", **evaluation.summary()}
-        _write_json(self.path / "final.json", summary)
+        write_json(self.path / "final.json", summary)
         self.audit("run-finished", details={"best-round": self.best_round})
         report = evaluation.report
         _plot_report_roc(self.path / "plots" / "roc_test.png", report, f"Pooled ROC on the sites' test parts (round {self.best_round})")
         plot_confusion(self.path / "plots" / "confusion_test.png", report.confusion_matrix, report.class_names, "Test")
 
     def _write_metrics(self) -> None:
-        _write_json(self.path / "metrics.json", self.history)
-        rows = [_flatten(record) for record in self.history]
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        partial = self.path / "metrics.csv.partial"
-        with partial.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, self.path / "metrics.csv")
+        write_json(self.path / "metrics.json", self.history)
+        write_csv(self.path / "metrics.csv", [_flatten(record) for record in self.history])
 
     def write_plots(self, last_evaluation: PooledEvaluation | None) -> None:
         """Curves over all recorded rounds, and the last round's pooled ROC and confusion matrix.
@@ -206,15 +196,3 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    os.replace(partial, path)
-
-
-def _replace(source: Path, target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
-    partial.write_bytes(source.read_bytes())
-    os.replace(partial, target)

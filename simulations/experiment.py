@@ -18,11 +18,8 @@ SuperLink and Ray workers included). An arm whose outputs exist with identical s
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import shutil
-import sys
 import threading
 import time
 import tomllib
@@ -33,22 +30,36 @@ from typing import Any, Literal
 import numpy as np
 import psutil
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import ConcatDataset, Dataset
 
-from pneumofed.common.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.centralised import CentralisedSettings, PooledStores, train_centralised, train_keeping_best_epoch
-from pneumofed.common.config import FederatedConfig, StrategyName
-from pneumofed.common.evaluate import summarise, write_summary
-from pneumofed.common.modelfile import ModelCard, load_model_file, save_model_file
-from pneumofed.common.models import MODEL_NAMES, build_model
-from pneumofed.common.plots import plot_curves
-from pneumofed.common.roistore import RoiStore
-from pneumofed.common.site import SiteData, load_site
-from pneumofed.common.training import TrainConfig, evaluate, seed_everything
+from pneumofed.common.data.site import SiteData, load_site
+from pneumofed.common.data.store import StoreRequirements, open_stores, pool_stores
+from pneumofed.common.federation.config import FederatedConfig, StrategyName
+from pneumofed.common.files import atomic_write, write_csv, write_json
+from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
+from pneumofed.common.learning.centralised import (
+    CentralisedSettings,
+    train_centralised,
+    train_keeping_best_epoch,
+)
+from pneumofed.common.learning.evaluation import summarise, write_summary
+from pneumofed.common.learning.modelfile import (
+    ModelCard,
+    load_model_file,
+    save_model_file,
+)
+from pneumofed.common.learning.models import MODEL_NAMES, build_model
+from pneumofed.common.learning.training import TrainConfig, evaluate, seed_everything
+from pneumofed.common.metrics.plots import plot_curves
 from pneumofed.simulations.flower import run_simulation
-from pneumofed.simulations.partition import PartitionConfig, partition_stores, prepare_natural_sites, site_summary
-from pneumofed.simulations.run import synthetic_sites
+from pneumofed.simulations.partition import (
+    PartitionConfig,
+    partition_stores,
+    prepare_natural_sites,
+    site_summary,
+)
+from pneumofed.simulations.sites import synthetic_sites
 
 # ------------------------------------------------------------------------------ configuration
 
@@ -91,6 +102,7 @@ class TrainingConfig(_Strict):
 class CentralisedArm(_Strict):
     models: list[str] = Field(["shufflenet_v2_eca"], min_length=1)
     folds: int = Field(10, ge=2)
+    expand: int | None = Field(None, ge=1)  # offline expansion of each fold's training part (`train --expand`)
 
     @model_validator(mode="after")
     def _known(self) -> CentralisedArm:
@@ -256,9 +268,7 @@ def _run_arm(arm_dir: Path, settings: dict[str, Any], work) -> ArmResult:
         result: ArmResult = work()
     result = ArmResult(**{**result.__dict__, "wall_s": time.perf_counter() - started, "peak_gib": memory.peak_gib})
     arm_dir.mkdir(parents=True, exist_ok=True)
-    (arm_dir / "arm.json").write_text(
-        json.dumps({"settings": settings, "result": result.__dict__}, indent=1, default=str, allow_nan=False)
-    )
+    write_json(arm_dir / "arm.json", json.loads(json.dumps({"settings": settings, "result": result.__dict__}, default=str)))
     return result
 
 
@@ -295,14 +305,14 @@ def centralised_cv_arm(config: ExperimentConfig, stores: list[Path], model_name:
     settings = CentralisedSettings(
         out_dir=out, model=model_name, training=_train_config(config, config.seed),
         augmentation=DEFAULT_AUGMENTATION if config.training.augment else None,
-        folds=arm.folds, split_seed=config.seed, bootstrap=config.bootstrap,
+        folds=arm.folds, expand=arm.expand, split_seed=config.seed, bootstrap=config.bootstrap,
     )
     result = train_centralised(stores, settings)
-    data = PooledStores.open(stores)
+    data = pool_stores(stores)
     labels, probs = [], []
     for fold in result.folds:
         model, _ = load_model_file(fold.model_path)
-        test_idx = np.flatnonzero(np.isin(data.patient_keys, list(fold.test_patients)))
+        test_idx = np.flatnonzero(np.isin(data.site_patient_keys, list(fold.test_patients)))
         scored = evaluate(model, data.subset(test_idx), settings.training)
         labels.append(scored.labels)
         probs.append(scored.probs)
@@ -379,9 +389,7 @@ def natural_sites(config: ExperimentConfig, data_dir: Path) -> list[Path]:
         return prepare_natural_sites(data.dicom_dir, data.annotations, data_dir / "natural", roi_size=data.roi_size,
                                      tag=data.site_header)
     stores = [p.resolve() for p in data.stores]
-    for store in stores:
-        if RoiStore.open(store).index.roi_size != data.roi_size:
-            raise ValueError(f"{store} does not hold {data.roi_size}-px ROIs (data.roi_size)")
+    open_stores(stores, StoreRequirements(roi_size=data.roi_size, required_by="the experiment (data.roi_size)"))
     return stores
 
 
@@ -477,10 +485,7 @@ def write_tables(out: Path, config: ExperimentConfig, results: list[ArmResult], 
     rows = table_rows(results)
     if not rows:
         raise ValueError("the experiment has no arms: configure centralised, pooled, federated or local")
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     parts = [f"# Experiment `{config.name}`", ""]
     cv = [r for r in results if r.group == "centralised-cv"]
     if cv:
@@ -495,9 +500,9 @@ def write_tables(out: Path, config: ExperimentConfig, results: list[ArmResult], 
                           if k not in ("site", "patients", "rois")) + ")" for t in table)
         parts += [f"## Partition `{name}`: {config.partitions[name].scheme}", "", f"Sites (class counts): {sites}", "",
                   "Every row is scored on the union of the sites' test parts.", "", markdown_table(table_rows(group)), ""]
-    (out / "results.md").write_text("\n".join(parts))
-    (out / "results.json").write_text(json.dumps({"config": config.model_dump(mode="json"), "sites": site_tables,
-                                                  "arms": [r.__dict__ for r in results]}, indent=1, default=str))
+    atomic_write(out / "results.md", "\n".join(parts))
+    write_json(out / "results.json", json.loads(json.dumps(
+        {"config": config.model_dump(mode="json"), "sites": site_tables, "arms": [r.__dict__ for r in results]}, default=str)))
 
 
 def _plot_group(path: Path, results: list[ArmResult], title: str) -> None:
@@ -512,21 +517,3 @@ def _plot_group(path: Path, results: list[ArmResult], title: str) -> None:
 
 
 # ------------------------------------------------------------------------------ CLI
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="experiment TOML (see simulations/configs/)")
-    parser.add_argument("--out", type=Path, help="results folder (default: results/<name>)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
-        print(f"pneumofed experiment: invalid config {args.config}:\n{error}", file=sys.stderr)
-        return 2
-    out = args.out or Path("results") / config.name
-    started = time.perf_counter()
-    run_experiment(config, out)
-    print(f"results in {out.resolve()} (results.md, results.csv; {time.perf_counter() - started:.0f} s)")
-    return 0

@@ -20,21 +20,11 @@ import psutil
 import tomli_w
 import torch
 
-import pneumofed.common
+from pneumofed.common.federation.flower_app import write_flower_app
 
 
 class SimulationFailed(RuntimeError):
     pass
-
-
-def app_directory() -> Path:
-    """The Flower app (the repository holding pyproject.toml) this package was installed from."""
-    root = Path(pneumofed.common.__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise SimulationFailed(
-            f"no Flower app at {root}: simulations need the pneumofed source tree (pip install -e .)"
-        )
-    return root
 
 
 def run_simulation(
@@ -70,7 +60,7 @@ def run_simulation(
             "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         }
         command = [
-            "flwr", "run", str(app_directory()), "pneumofed-local",
+            "flwr", "run", str(write_flower_app(flwr_home / "app")), "pneumofed-local",
             "--run-config", str(flwr_home / "run-config.toml"),
             "--federation-config", federation_config,
         ] + (["--stream"] if stream else [])

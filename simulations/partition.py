@@ -20,11 +20,9 @@ uses none of them. The patient-level numpy versions below are a few lines each a
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,53 +31,20 @@ import pydicom
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pneumofed.common.prepare import prepare_site
-from pneumofed.common.roistore import INDEX_FILE, RoiIndex, RoiRecord, RoiStore, open_matching_stores, write_index, write_shard
+from pneumofed.common.data.prepare import prepare_site
+from pneumofed.common.data.store import (
+    INDEX_FILE,
+    PooledRois,
+    RoiIndex,
+    open_stores,
+    pool_stores,
+    write_index,
+    write_shard,
+)
 
 # load_site splits every site 70/20/10 by patient, so a site needs at least 10 patients.
 MIN_SITE_PATIENTS = 10
 MAX_DRAWS = 1000
-
-
-# ------------------------------------------------------------------------------ pooled data
-
-
-@dataclass(frozen=True)
-class PooledRois:
-    """The ROIs of several stores side by side; `origin[i]` is the store ROI i came from."""
-
-    class_names: tuple[str, ...]
-    roi_size: int
-    spacing_mm: float | None
-    secret_check: str
-    records: tuple[RoiRecord, ...]
-    images: np.ndarray  # uint8 (N, S, S)
-    origin: np.ndarray  # int (N,)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([r.label for r in self.records], dtype=np.int64)
-
-    @property
-    def groups(self) -> np.ndarray:
-        return np.array([r.patient_key for r in self.records])
-
-
-def pool_stores(paths: Sequence[Path]) -> PooledRois:
-    stores = open_matching_stores(paths)
-    first = stores[0].index
-    checks = sorted({s.index.secret_check for s in stores})
-    return PooledRois(
-        class_names=first.class_names,
-        roi_size=first.roi_size,
-        spacing_mm=first.spacing_mm,
-        # One store keeps its own check; a pool of several secrets matches none of them, so
-        # `pneumofed prepare` pointed at a derived store rebuilds it rather than mixing keys.
-        secret_check=checks[0] if len(checks) == 1 else hashlib.sha256("".join(checks).encode()).hexdigest(),
-        records=tuple(r for s in stores for r in s.index.records),
-        images=torch.cat([s.images[:, 0] for s in stores]).numpy(),
-        origin=np.concatenate([np.full(len(s), i) for i, s in enumerate(stores)]),
-    )
 
 
 # ------------------------------------------------------------------------------ partitioners
@@ -166,14 +131,6 @@ def quantity_partition(
     return _samples_of(site_of_patient, inverse, n_sites)
 
 
-def label_skew(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> float:
-    """Mean total-variation distance between each site's label distribution and the pooled one."""
-    labels = np.asarray(labels)
-    pooled = np.bincount(labels, minlength=num_classes) / len(labels)
-    distances = [0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - pooled).sum() for p in parts]
-    return float(np.mean(distances))
-
-
 # ------------------------------------------------------------------------------ acquisition shift
 
 
@@ -234,7 +191,7 @@ def write_subset_store(out_dir: Path, pooled: PooledRois, indices: np.ndarray, i
     Shards stay keyed by source SHA-256 with rows renumbered; an existing store at `out_dir` is replaced.
     """
     out_dir = Path(out_dir)
-    pixels = pooled.images[indices] if images is None else images
+    pixels = pooled.images[indices, 0].numpy() if images is None else images
     if len(pixels) != len(indices):
         raise ValueError(f"{len(indices)} ROIs selected but {len(pixels)} images given")
     if out_dir.exists():
@@ -287,7 +244,7 @@ class PartitionConfig(BaseModel):
 
 
 def partition_indices(pooled: PooledRois, config: PartitionConfig) -> list[np.ndarray]:
-    labels, groups = pooled.labels, pooled.groups
+    labels, groups = pooled.labels.numpy(), pooled.patient_keys
     if config.scheme == "natural":
         return natural_partition(pooled.origin)
     if config.scheme == "iid":
@@ -307,7 +264,7 @@ def partition_stores(stores: Sequence[Path], config: PartitionConfig, out_dir: P
                                    if config.acquisition_shift > 0 else None)
     paths = []
     for site, indices in enumerate(parts):
-        images = None if scanners is None else apply_scanner(pooled.images[indices], scanners[site], seed=config.seed + site)
+        images = None if scanners is None else apply_scanner(pooled.images[indices, 0].numpy(), scanners[site], seed=config.seed + site)
         paths.append(write_subset_store(Path(out_dir) / f"site-{site + 1:02d}", pooled, indices, images).resolve())
     return paths
 
@@ -371,8 +328,7 @@ def prepare_natural_sites(
 def site_summary(paths: Sequence[Path]) -> list[dict[str, object]]:
     """Patients, ROIs and class counts per site store (for reports)."""
     rows = []
-    for path in paths:
-        store = RoiStore.open(path)
+    for path, store in zip(paths, open_stores(paths), strict=True):
         rows.append({"site": Path(path).name, "patients": len(set(store.patient_keys)), "rois": len(store),
                      **store.class_counts()})
     return rows

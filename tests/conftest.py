@@ -25,8 +25,8 @@ def nih_dir() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three small synthetic hospitals, prepared into 32-px ROI stores (absolute paths)."""
-    from pneumofed.common.prepare import prepare_site
-    from pneumofed.common.synth import write_hospitals
+    from pneumofed.common.data.prepare import prepare_site
+    from pneumofed.common.data.synth import write_hospitals
 
     root = tmp_path_factory.mktemp("synthetic")
     (root / "secrets").mkdir()

@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pneumofed.common.augment import (
+from pneumofed.common.learning.augment import (
     DEFAULT_AUGMENTATION,
     OP_NAMES,
     AugmentationConfig,
@@ -283,7 +283,7 @@ def test_config_rejects_bad_input_with_a_clear_message(payload: dict, message: s
 
 def test_all_disabled_config_is_identity() -> None:
     image = smooth_texture(1, 32, 32)
-    for config in (AugmentationConfig.none(), AugmentationConfig(enabled=[])):
+    for config in (AugmentationConfig(enabled=()), AugmentationConfig(enabled=[])):
         assert torch.equal(build_augmentation(config)(image), image)
 
 

@@ -10,20 +10,26 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pneumofed.common.centralised import CentralisedSettings, PooledStores, train_centralised
 from pneumofed.common.cli import main
-from pneumofed.common.evaluate import evaluate_model_file
-from pneumofed.common.metrics import classification_report
-from pneumofed.common.modelfile import load_model_file
-from pneumofed.common.roistore import RoiIndex, RoiStore, write_index
-from pneumofed.common.training import TrainConfig
+from pneumofed.common.data.store import (
+    PooledRois,
+    RoiIndex,
+    RoiStore,
+    pool_stores,
+    write_index,
+)
+from pneumofed.common.learning.centralised import CentralisedSettings, train_centralised
+from pneumofed.common.learning.evaluation import evaluate_model_file
+from pneumofed.common.learning.modelfile import load_model_file
+from pneumofed.common.learning.training import TrainConfig
+from pneumofed.common.metrics.report import classification_report
 
 TINY = dict(model="shufflenet_v2_eca", width=0.5, bootstrap=100)
 
 
-def pooled_probs(model_path: Path, data: PooledStores, patients: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+def pooled_probs(model_path: Path, data: PooledRois, patients: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
     """Labels and softmax of the saved model on the pooled ROIs of ``patients``."""
-    rows = np.flatnonzero(np.isin(data.patient_keys, list(patients)))
+    rows = np.flatnonzero(np.isin(data.site_patient_keys, list(patients)))
     model, _ = load_model_file(model_path)
     with torch.inference_mode():
         probs = model(data.images[rows].float() / 255).double().softmax(dim=1).numpy()
@@ -61,7 +67,7 @@ def test_saved_model_is_the_best_validation_epoch_and_reproduces_the_test_metric
 
     model, card = load_model_file(holdout.model_path)
     assert (card.roi_size, card.width, card.provenance["epoch"]) == (32, 0.5, fold.best_epoch)
-    labels, probs = pooled_probs(holdout.model_path, PooledStores.open(synthetic_sites[:2]), fold.test_patients)
+    labels, probs = pooled_probs(holdout.model_path, pool_stores(synthetic_sites[:2]), fold.test_patients)
     report = classification_report(labels, probs, card.class_names)
     assert report.accuracy == pytest.approx(holdout.summary["accuracy"])
     assert report.macro_auc == pytest.approx(holdout.summary["macro_auc"])
@@ -79,10 +85,10 @@ def test_holdout_parts_are_patient_disjoint_and_span_both_stores(holdout):
 
 
 def test_pooling_keeps_same_pseudonym_at_two_sites_apart(synthetic_sites):
-    single = PooledStores.open(synthetic_sites[:1])
-    twice = PooledStores.open([synthetic_sites[0], synthetic_sites[0]])
+    single = pool_stores(synthetic_sites[:1])
+    twice = pool_stores([synthetic_sites[0], synthetic_sites[0]])
     assert len(twice) == 2 * len(single)
-    assert len(set(twice.patient_keys)) == 2 * len(set(single.patient_keys))
+    assert len(set(twice.site_patient_keys)) == 2 * len(set(single.site_patient_keys))
 
 
 def test_kfold_gives_k_patient_disjoint_test_folds_with_mean_and_sd(synthetic_sites, tmp_path):
@@ -95,7 +101,7 @@ def test_kfold_gives_k_patient_disjoint_test_folds_with_mean_and_sd(synthetic_si
     assert len(result.folds) == 3
     tests = [fold.test_patients for fold in result.folds]
     assert all(not (a & b) for a, b in combinations(tests, 2))
-    assert set().union(*tests) == set(PooledStores.open(synthetic_sites[:1]).patient_keys)
+    assert set().union(*tests) == set(pool_stores(synthetic_sites[:1]).site_patient_keys)
     for fold in result.folds:
         assert not fold.train_patients & fold.val_patients
         assert not (fold.train_patients | fold.val_patients) & fold.test_patients
@@ -112,7 +118,7 @@ def test_stores_prepared_differently_are_not_pooled(synthetic_sites, tmp_path):
     index = RoiStore.open(synthetic_sites[0]).index
     write_index(tmp_path, RoiIndex(roi_size=16, class_names=index.class_names, secret_check=index.secret_check))
     with pytest.raises(ValueError, match=r"\(16 px, .* does not match"):
-        PooledStores.open([synthetic_sites[0], tmp_path])
+        pool_stores([synthetic_sites[0], tmp_path])
 
 
 def test_settings_are_validated(tmp_path, capsys):
@@ -122,3 +128,29 @@ def test_settings_are_validated(tmp_path, capsys):
         CentralisedSettings(out_dir=tmp_path, folds=1)
     assert main(["train", "--store", str(tmp_path), "--out", str(tmp_path), "--width", "0.7"]) == 2
     assert "valid widths" in capsys.readouterr().err
+
+
+def test_offline_expansion_grows_the_training_part_keeping_labels_and_patients(synthetic_sites):
+    from pneumofed.common.data.site import load_site
+    from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, expanded
+
+    train = load_site(synthetic_sites[0], seed=0).train
+    grown = expanded(train, 3 * len(train), DEFAULT_AUGMENTATION, seed=1)
+    assert len(grown) == 3 * len(train)
+    assert torch.equal(grown.labels[: len(train)], train.labels)
+    assert torch.equal(grown.labels, train.labels.repeat(3))
+    assert grown.patient_keys == train.patient_keys * 3
+    originals = torch.stack([train[i][0] for i in range(len(train))])
+    assert torch.equal(torch.stack([grown[i][0] for i in range(len(train))]), originals)
+    assert not torch.equal(torch.stack([grown[len(train) + i][0] for i in range(len(train))]), originals)
+
+
+def test_train_expand_runs_and_refuses_a_size_below_the_training_part(synthetic_sites, tmp_path, capsys):
+    from pneumofed.common.cli import main
+
+    common = ["train", "--store", str(synthetic_sites[0]), "--model", "shufflenet_v2_eca", "--width", "0.5",
+              "--epochs", "1", "--device", "cpu", "--bootstrap", "20"]
+    assert main([*common, "--out", str(tmp_path / "small"), "--expand", "5"]) == 2
+    assert "smaller than the training part" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "grown"), "--expand", "200"]) == 0
+    assert (tmp_path / "grown" / "model.pt").is_file()

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pneumofed.deploy import audit, pki
+from pneumofed.common.federation import audit
+from pneumofed.deploy import pki
 from pneumofed.deploy.provision import load_federation, provision
 
 pytestmark = [
@@ -32,7 +33,6 @@ pytestmark = [
     ),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 FEDERATION = "loopback-study"
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
 ROI_SIZE = 32
@@ -137,8 +137,8 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    from pneumofed.common.prepare import prepare_site
-    from pneumofed.common.synth import write_hospitals
+    from pneumofed.common.data.prepare import prepare_site
+    from pneumofed.common.data.synth import write_hospitals
 
     root = tmp_path_factory.mktemp("deploy")
     raw = write_hospitals(root / "raw", n_hospitals=len(HOSPITALS), rois_per_hospital=20, seed=0)
@@ -296,7 +296,7 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Fede
                 "three online SuperNodes", nodes_alive)
 
     run_dir = fed.root / "run"
-    started = fed.flwr("run", str(REPO), FEDERATION, "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
+    started = fed.flwr("run", str(fed.coordinator / "flower-app"), FEDERATION, "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
                        "--format", "json", timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = json.loads(started.stdout)["run-id"]

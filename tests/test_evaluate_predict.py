@@ -8,14 +8,21 @@ import pytest
 import torch
 
 from pneumofed.common.cli import main
-from pneumofed.common.evaluate import IncompatibleData, evaluate_dicom_folder, evaluate_model_file
-from pneumofed.common.metrics import classification_report
-from pneumofed.common.modelfile import ModelCard, load_model_file, save_model_file
-from pneumofed.common.models import build_model
-from pneumofed.common.predict import PredictionError, predict
-from pneumofed.common.prepare import file_sha256
-from pneumofed.common.roistore import RoiStore
-from pneumofed.common.site import load_site
+from pneumofed.common.data.prepare import file_sha256
+from pneumofed.common.data.site import load_site
+from pneumofed.common.data.store import RoiStore, StoreMismatch
+from pneumofed.common.learning.evaluation import (
+    evaluate_dicom_folder,
+    evaluate_model_file,
+)
+from pneumofed.common.learning.modelfile import (
+    ModelCard,
+    load_model_file,
+    save_model_file,
+)
+from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.predict import PredictionError, predict
+from pneumofed.common.metrics.report import classification_report
 
 BOOTSTRAP = 200
 
@@ -90,13 +97,13 @@ def test_evaluate_part_is_the_federated_sites_split(store, model_file):
 def test_store_with_other_roi_size_or_classes_is_refused(store, tmp_path, capsys):
     names = list(RoiStore.open(store).class_names)
     larger = make_model_file(tmp_path / "roi64.pt", names, roi_size=64)
-    with pytest.raises(IncompatibleData, match="32-px ROIs but the model expects 64-px"):
+    with pytest.raises(StoreMismatch, match="32-px ROIs but the model expects 64-px"):
         evaluate_model_file(larger, store, device="cpu")
     assert main(["evaluate", str(larger), "--store", str(store), "--device", "cpu"]) == 2
     assert "--roi-size 64" in capsys.readouterr().err
 
     reordered = make_model_file(tmp_path / "classes.pt", names[::-1], roi_size=32)
-    with pytest.raises(IncompatibleData, match="classes"):
+    with pytest.raises(StoreMismatch, match="classes"):
         evaluate_model_file(reordered, store, device="cpu")
 
 

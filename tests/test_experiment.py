@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pneumofed.simulations.cli.experiment import configure_parser, run
 from pneumofed.simulations.experiment import (
     ProcessTreeMemory,
-    configure_parser,
     load_config,
     markdown_table,
-    run,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"

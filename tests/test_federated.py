@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,16 +14,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from sklearn.metrics import roc_auc_score
 
 from pneumofed.client.app import evaluate_locally, train_locally
-from pneumofed.common import training
-from pneumofed.common.config import FederatedConfig
-from pneumofed.common.models import build_model
-from pneumofed.common.site import load_site
-from pneumofed.common.weights import exchanged_state
-from pneumofed.deploy.audit import array_digest, read_audit
-from pneumofed.server.app import initial_arrays, run_federation
+from pneumofed.common.data.site import load_site
+from pneumofed.common.federation.audit import array_digest, read_audit
+from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.pooling import PooledEvaluation
+from pneumofed.common.learning import training
+from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.state import floating_state
+from pneumofed.common.metrics.histogram import ScoreHistogram, report_from_counts
+from pneumofed.common.metrics.report import confusion_counts
 from pneumofed.server.outputs import RunDirectory
-from pneumofed.common.metrics import ScoreHistogram, confusion_counts, report_from_counts
-from pneumofed.server.strategy import STRATEGIES, PooledEvaluation, build_strategy
+from pneumofed.server.rounds import (
+    aggregate_train_round,
+    initial_arrays,
+    pool_replies,
+    run_federation,
+)
+from pneumofed.server.strategy import STRATEGIES, build_strategy
 
 CLASSES = ["nodule", "interstitial", "emphysema"]
 SMALL_RUN = {"model-width": 0.5, "roi-size": 32, "local-epochs": 1, "batch-size": 16, "learning-rate": 1e-3}
@@ -105,11 +113,10 @@ def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sit
     arrays = trained["arrays"]
     instruction = ConfigRecord({"server-round": 1, "split": "val"})
     grid = InProcessGrid(synthetic_sites, config_dict)
-    strategy = build_strategy(config, CLASSES)
     replies = grid.send_and_receive(
         [Message(RecordDict({"arrays": arrays, "config": instruction}), node, MessageType.EVALUATE) for node in grid.get_node_ids()]
     )
-    pooled = strategy.pool(replies)
+    pooled = pool_replies(replies, CLASSES)
 
     model = build_model(config.model, 3, width=config.model_width)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
@@ -127,9 +134,6 @@ def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sit
     for k, name in enumerate(CLASSES):
         assert pooled.report.per_class[k].auc == pytest.approx(roc_auc_score(labels == k, probs[:, k]), abs=0.002)
     assert pooled.num_examples == len(labels)
-    flower_record = strategy.aggregate_evaluate(1, replies)
-    assert flower_record["macro-auc"] == pytest.approx(pooled.report.macro_auc)
-    assert flower_record["num-examples"] == len(labels)
 
 
 def _scaled(factor: float) -> Callable[[RecordDict], RecordDict]:
@@ -177,13 +181,14 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
     config_dict = run_config(tmp_path)
     config = FederatedConfig.from_run_config(config_dict)
     grid = InProcessGrid(synthetic_sites, config_dict, tamper={100: tamper})
-    strategy = build_strategy(config, CLASSES)
+    strategy = build_strategy(config)
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
 
-    aggregated, _ = strategy.aggregate_train(1, replies)
+    trained = aggregate_train_round(strategy, 1, global_arrays, replies, config.max_update_ratio)
+    aggregated = trained.arrays
 
-    [rejection] = strategy.rejected_updates[1]
+    [rejection] = trained.rejected
     assert rejection["node"] == 100 and reason in rejection["reason"]
     good = [reply.content for reply in replies if reply.metadata.src_node_id != 100]
     weights = np.array([reply["metrics"]["num-examples"] for reply in good], dtype=float)
@@ -197,13 +202,13 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_
     config = FederatedConfig.from_run_config(config_dict)
     grid = InProcessGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
-    replies = grid.send_and_receive(build_strategy(config, CLASSES).configure_train(1, global_arrays, ConfigRecord(), grid))
+    replies = grid.send_and_receive(build_strategy(config).configure_train(1, global_arrays, ConfigRecord(), grid))
 
     aggregates = []
     for order in (replies, replies[::-1]):
-        strategy = build_strategy(config, CLASSES)
+        strategy = build_strategy(config)
         list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
-        aggregates.append(strategy.aggregate_train(1, order)[0])
+        aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config.max_update_ratio).arrays)
 
     for name, array in aggregates[0].items():
         np.testing.assert_array_equal(array.numpy(), aggregates[1][name].numpy())
@@ -215,7 +220,7 @@ METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "con
 
 def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metrics(synthetic_sites, tmp_path, flower_identity):
     _, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}))
-    model_state = exchanged_state(build_model("shufflenet_v2_eca", 3, width=0.5))
+    model_state = floating_state(build_model("shufflenet_v2_eca", 3, width=0.5))
 
     assert grid.replies, "the run sent no messages"
     for reply in grid.replies:
@@ -291,7 +296,7 @@ def test_a_single_site_run_completes_with_default_minimum_nodes(synthetic_sites,
 def test_every_strategy_is_flowers_own_and_aggregates_a_round(name, synthetic_sites, tmp_path, flower_identity):
     config_dict = run_config(tmp_path, strategy=name)
     config = FederatedConfig.from_run_config(config_dict)
-    strategy = build_strategy(config, CLASSES)
+    strategy = build_strategy(config)
     assert isinstance(strategy, STRATEGIES[name])
     grid = InProcessGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
@@ -322,13 +327,20 @@ def test_run_config_rejects_unknown_keys_and_relative_paths():
         FederatedConfig.from_run_config({"model": "vgg16"})
 
 
-def test_pyproject_run_config_defaults_match_the_typed_config():
-    import tomllib
+def test_the_generated_flower_app_passes_flowers_own_validation_with_the_typed_defaults(tmp_path):
+    from flwr.common.config import validate_config
+    from flwr.supercore.fab_format_version import normalize_and_validate_fab_format
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    from pneumofed.common.federation.flower_app import write_flower_app
+
+    app = write_flower_app(tmp_path / "app")
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(pyproject, check_module=True, project_dir=app)
+    assert valid, errors
+    normalize_and_validate_fab_format(pyproject)
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
-    assert FederatedConfig.from_run_config(defaults).to_run_config() == FederatedConfig().to_run_config()
-    assert set(defaults) == set(FederatedConfig().to_run_config())
+    assert FederatedConfig.from_run_config(defaults) == FederatedConfig()
+    assert (app / "LICENSE").read_text().lstrip().startswith("Apache License")
 
 
 def test_the_best_round_is_the_best_pooled_auc_and_lower_validation_loss_breaks_ties(tmp_path):
@@ -341,5 +353,5 @@ def test_the_best_round_is_the_best_pooled_auc_and_lower_validation_loss_breaks_
     )
     arrays = initial_arrays(config)
     for server_round, loss in ((1, 1.10), (2, 1.05), (3, 1.08)):
-        run.record_round(server_round, arrays, None, PooledEvaluation(report, loss, 6), [], {}, [])
+        run.record_round(server_round, arrays, None, PooledEvaluation(report, loss, 6), {})
     assert run.best_round == 2

@@ -12,16 +12,17 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pneumofed.common.metrics import (
-    CLASS_NAMES_DEFAULT,
+from pneumofed.common.metrics.histogram import (
     DEFAULT_BINS,
     ScoreHistogram,
-    bootstrap_auc_ci,
-    bootstrap_macro_auc_ci,
-    classification_report,
-    confusion_counts,
     report_from_counts,
     score_bin_index,
+)
+from pneumofed.common.metrics.intervals import bootstrap_auc_ci, bootstrap_macro_auc_ci
+from pneumofed.common.metrics.report import (
+    CLASS_NAMES_DEFAULT,
+    classification_report,
+    confusion_counts,
 )
 
 AUC_TOLERANCE = 0.002

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumofed.common.models import (
+from pneumofed.common.learning.models import (
     ECA,
     MODEL_NAMES,
     SHUFFLENET_STAGES_OUT_CHANNELS,

@@ -1,28 +1,35 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pneumofed.common.roistore import RoiStore
-from pneumofed.common.site import load_site
+from pneumofed.common.data.site import load_site
+from pneumofed.common.data.store import RoiStore, pool_stores
 from pneumofed.simulations.partition import (
     PartitionConfig,
     Scanner,
     apply_scanner,
     dirichlet_partition,
     iid_partition,
-    label_skew,
     partition_stores,
-    pool_stores,
     prepare_natural_sites,
     quantity_partition,
     random_scanners,
     split_by_header,
     write_subset_store,
 )
+
+
+def label_skew(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> float:
+    """Mean total-variation distance between each site's label distribution and the pooled one."""
+    labels = np.asarray(labels)
+    pooled = np.bincount(labels, minlength=num_classes) / len(labels)
+    distances = [0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - pooled).sum() for p in parts]
+    return float(np.mean(distances))
 
 
 def _population(n_patients: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +141,7 @@ def test_partition_stores_writes_valid_patient_grouped_site_stores(synthetic_sit
     scanners = random_scanners(2, 1.0, seed=4)
     for store, scanner in zip(stores, scanners, strict=True):
         by_id = {r.roi_id: i for i, r in enumerate(pooled.records)}
-        originals = pooled.images[[by_id[r.roi_id] for r in store.index.records]]
+        originals = pooled.images[[by_id[r.roi_id] for r in store.index.records], 0].numpy()
         assert np.array_equal(store.images[:, 0].numpy(), apply_scanner(originals, scanner, seed=4 + sites.index(store.path)))
         assert not np.array_equal(store.images[:, 0].numpy(), originals)
         assert len(load_site(store.path, seed=0).test) > 0

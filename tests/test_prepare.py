@@ -13,9 +13,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import pneumofed.common.prepare as prepare
+import pneumofed.common.data.prepare as prepare
 from pneumofed.common.cli import main as cli_main
-from pneumofed.common.prepare import (
+from pneumofed.common.data.prepare import (
     PrepareInputError,
     load_site_secret,
     parse_label_map,
@@ -24,7 +24,7 @@ from pneumofed.common.prepare import (
     resize_roi,
     square_crop,
 )
-from pneumofed.common.roistore import INDEX_FILE, RoiStore
+from pneumofed.common.data.store import INDEX_FILE, RoiStore
 
 COLUMNS = ["file", "patient_id", "x", "y", "width", "height", "finding"]
 SIDE = 96

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pneumofed.common.cli import main as cli_main
-from pneumofed.deploy import audit
+from pneumofed.common.federation import audit
 from pneumofed.deploy.provision import FederationSpec, load_federation, provision
 
 FEDERATION_TOML = """

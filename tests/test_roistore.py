@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from pneumofed.common.roistore import (
+from pneumofed.common.data.store import (
     INDEX_FILE,
     RoiDataset,
     RoiIndex,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumofed.common.splits import patient_kfold, train_val_test_split
+from pneumofed.common.data.splits import patient_kfold, train_val_test_split
 
 
 def nih_like(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

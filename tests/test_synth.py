@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+)
 
-from pneumofed.common import synth
 from pneumofed.common.cli import main as cli_main
+from pneumofed.common.data import synth
 
 SEED = 3
 N_HOSPITALS = len(synth.PROFILES)  # one of each fixed profile: every codec and bit depth
@@ -139,7 +142,7 @@ def test_patients_are_distinct_within_a_hospital(hospitals):
 
 
 def test_round_trip_through_the_dicom_loader(hospitals):
-    dicom = pytest.importorskip("pneumofed.common.dicom")
+    dicom = pytest.importorskip("pneumofed.common.data.dicom")
     for number, folder in enumerate(hospitals, start=1):
         profile = synth.hospital_profile(number, SEED)
         row = annotations(folder)[0]

@@ -11,7 +11,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from pneumofed.common.training import (
+from pneumofed.common.learning.training import (
     Evaluation,
     TrainConfig,
     class_weights,
@@ -243,7 +243,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys, monkeypatch):
 
 
 def test_the_paper_network_trains_and_evaluates_through_the_loop():
-    from pneumofed.common.models import build_model
+    from pneumofed.common.learning.models import build_model
 
     torch.manual_seed(0)
     model = build_model("shufflenet_v2_eca", num_classes=3, width=0.5)

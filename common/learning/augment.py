@@ -23,11 +23,20 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    field_validator,
+)
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from pneumofed.common.data.store import RoiArrays, RoiDataset
 
 GaussianBlur = v2.GaussianBlur
 RandomHorizontalFlip = v2.RandomHorizontalFlip
@@ -251,11 +260,6 @@ class AugmentationConfig(BaseModel):
             raise ValueError(f"operations listed more than once: {duplicates}")
         return value
 
-    @classmethod
-    def none(cls) -> AugmentationConfig:
-        """A configuration that leaves images unchanged."""
-        return cls(enabled=())
-
 
 DEFAULT_AUGMENTATION = AugmentationConfig()
 
@@ -326,3 +330,14 @@ def expand_dataset(
         copies = [transform(floats[index]) for index in sources.tolist()]
     augmented = F.to_dtype(torch.stack(copies), images.dtype, scale=True) if copies else images[:0]
     return torch.cat([images, augmented]), torch.cat([labels, labels[sources]])
+
+
+def expanded(dataset: RoiDataset, target_size: int, config: AugmentationConfig, seed: int) -> RoiDataset:
+    """``dataset`` grown offline to ``target_size`` ROIs by ``expand_dataset`` with the ops of ``config``
+    (the seed's protocol); copies keep their source's label and patient key."""
+    rows = dataset.indices
+    images, labels = expand_dataset(dataset.store.images[rows], dataset.store.labels[rows], target_size,
+                                    build_augmentation(config), seed)
+    keys = dataset.patient_keys
+    sources = [keys[i % len(keys)] for i in range(target_size - len(keys))]
+    return RoiDataset(RoiArrays(images, labels, keys + sources))

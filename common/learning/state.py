@@ -1,4 +1,4 @@
-"""Which parts of a model travel between sites and the server.
+"""A model's floating-point state: what model files store and what sites and the server exchange.
 
 Only floating-point state (parameters and BatchNorm running statistics) is exchanged: the
 integer `num_batches_tracked` counters are local bookkeeping, and averaging them would
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 
-def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def floating_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's floating-point state, detached and on the CPU, in state-dict order."""
     return {
         name: tensor.detach().cpu()
@@ -23,9 +23,9 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def load_exchanged_state(model: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+def load_floating_state(model: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> None:
     """Load exchanged state into `model`; every exchanged entry must be present, nothing else."""
-    expected = set(exchanged_state(model))
+    expected = set(floating_state(model))
     received = set(arrays)
     if received != expected:
         missing, unexpected = sorted(expected - received), sorted(received - expected)

@@ -1,9 +1,7 @@
-"""Classification metrics for centralised and federated evaluation.
+"""Mergeable score summaries: per-class score histograms that sites send instead of scores.
 
-Centralised evaluation has every score and uses scikit-learn directly (`classification_report`).
-Federated evaluation never sees scores: each site sends a `ScoreHistogram` and a confusion matrix,
-both plain integer counts that sum exactly across sites, and the server builds the same
-`ClassificationReport` from the sums (`report_from_counts`).
+Counts add exactly across sites, so the sum of the sites' histograms is the histogram of the pooled
+data and the server computes pooled ROC/AUC without ever holding a score.
 """
 
 from __future__ import annotations
@@ -13,12 +11,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel
-from scipy.stats import rankdata
-from sklearn.metrics import auc as area_under_curve
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_curve
 
-CLASS_NAMES_DEFAULT = ("nodule", "interstitial", "emphysema")
+from pneumofed.common.metrics.report import (
+    CLASS_NAMES_DEFAULT,
+    ClassificationReport,
+    check_class_names,
+    one_vs_rest_roc,
+    report_from_confusion,
+    validate_scores,
+)
 
 DEFAULT_BINS = 1 << 16
 # Bin layout, see `score_bin_index`. These constants define the meaning of every bin: sites and server
@@ -27,126 +28,6 @@ UNIFORM_SHARE = 0.4
 LOGIT_LINEAR_LIMIT = 12.0
 LOGIT_TAIL_SCALE = 1.5
 _LOGIT_CLIP = 800.0  # beyond float64's logit range (+-745): only p == 0 or p == 1 reach it
-
-class RocCurve(BaseModel):
-    fpr: list[float]
-    tpr: list[float]
-
-
-class ClassMetrics(BaseModel):
-    name: str
-    support: int
-    precision: float
-    recall: float
-    f1: float
-    auc: float | None
-    roc: RocCurve | None
-
-
-class ClassificationReport(BaseModel):
-    num_samples: int
-    accuracy: float
-    macro_precision: float
-    macro_recall: float
-    macro_f1: float
-    macro_auc: float | None
-    per_class: list[ClassMetrics]
-    confusion_matrix: list[list[int]]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c.name for c in self.per_class]
-
-
-def _validated(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    probs = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(y_true)
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError(f"probs must have shape (N, K) with K >= 2, got {probs.shape}")
-    if y.ndim != 1 or len(y) != len(probs) or len(y) == 0:
-        raise ValueError(f"y_true must have shape ({len(probs)},) and be non-empty, got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.mod(y, 1) == 0):
-            raise ValueError("y_true must hold integer class indices")
-        y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= probs.shape[1]:
-        raise ValueError(f"y_true values must lie in [0, {probs.shape[1]}), got [{y.min()}, {y.max()}]")
-    if not np.all(np.isfinite(probs)) or probs.min() < 0.0 or probs.max() > 1.0:
-        raise ValueError("probs must be finite scores in [0, 1]")
-    return y.astype(np.int64), probs
-
-
-def _check_names(class_names: Sequence[str], num_classes: int) -> list[str]:
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
-    return list(class_names)
-
-
-def confusion_counts(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """(K, K) int64 counts, rows = true class, columns = argmax prediction."""
-    y, probs = _validated(y_true, probs)
-    k = probs.shape[1]
-    return confusion_matrix(y, probs.argmax(axis=1), labels=range(k)).astype(np.int64)
-
-
-def _report(
-    names: list[str],
-    confusion: np.ndarray,
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    weights: np.ndarray | None,
-    rocs: list[tuple[np.ndarray, np.ndarray, float] | None],
-) -> ClassificationReport:
-    labels = range(len(names))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, sample_weight=weights, zero_division=0
-    )
-    aucs = [None if roc is None else float(roc[2]) for roc in rocs]
-    defined = [a for a in aucs if a is not None]
-    per_class = [
-        ClassMetrics(
-            name=names[k],
-            support=int(confusion[k].sum()),
-            precision=float(precision[k]),
-            recall=float(recall[k]),
-            f1=float(f1[k]),
-            auc=aucs[k],
-            roc=None if rocs[k] is None else RocCurve(fpr=rocs[k][0].tolist(), tpr=rocs[k][1].tolist()),
-        )
-        for k in labels
-    ]
-    total = int(confusion.sum())
-    return ClassificationReport(
-        num_samples=total,
-        accuracy=float(np.trace(confusion) / total),
-        macro_precision=float(np.mean(precision)),
-        macro_recall=float(np.mean(recall)),
-        macro_f1=float(np.mean(f1)),
-        macro_auc=float(np.mean(defined)) if defined else None,
-        per_class=per_class,
-        confusion_matrix=confusion.tolist(),
-    )
-
-
-def _one_vs_rest_roc(is_positive: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None):
-    """(fpr, tpr, auc) or None when the class has no positives or no negatives."""
-    if is_positive.all() or not is_positive.any():
-        return None
-    fpr, tpr, _ = roc_curve(is_positive, scores, sample_weight=weights)
-    return fpr, tpr, area_under_curve(fpr, tpr)  # what roc_auc_score computes, without a second pass
-
-
-def classification_report(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str] = CLASS_NAMES_DEFAULT
-) -> ClassificationReport:
-    """Report of argmax predictions and one-vs-rest ROC/AUC computed on the exact scores."""
-    y, probs = _validated(y_true, probs)
-    names = _check_names(class_names, probs.shape[1])
-    y_pred = probs.argmax(axis=1)
-    confusion = confusion_matrix(y, y_pred, labels=range(len(names)))
-    rocs = [_one_vs_rest_roc(y == k, probs[:, k]) for k in range(len(names))]
-    return _report(names, confusion, y, y_pred, None, rocs)
-
 
 def score_bin_index(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     """Bin of each score p in [0, 1]: floor(bins * t(p)) with the strictly increasing map
@@ -213,7 +94,7 @@ class ScoreHistogram:
 
     @classmethod
     def from_scores(cls, y_true: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> ScoreHistogram:
-        y, probs = _validated(y_true, probs)
+        y, probs = validate_scores(y_true, probs)
         if bins < 2:
             raise ValueError(f"bins must be >= 2, got {bins}")
         num_classes = probs.shape[1]
@@ -262,14 +143,14 @@ class ScoreHistogram:
 
     def roc_curve(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Pooled one-vs-rest ROC of class k at bin thresholds; raises ValueError if it is undefined."""
-        roc = _one_vs_rest_roc(*self._weighted_bins(k))
+        roc = one_vs_rest_roc(*self._weighted_bins(k))
         if roc is None:
             raise ValueError(f"class {k} has no positive or no negative samples: its ROC curve is undefined")
         return roc[0], roc[1]
 
     def auc(self, k: int) -> float | None:
         """Pooled one-vs-rest AUC of class k; None when it has no positive or no negative samples."""
-        roc = _one_vs_rest_roc(*self._weighted_bins(k))
+        roc = one_vs_rest_roc(*self._weighted_bins(k))
         return None if roc is None else float(roc[2])
 
     def macro_auc(self) -> float | None:
@@ -328,7 +209,7 @@ def report_from_counts(
     """The `classification_report` of pooled data from summed site counts: precision/recall/F1/accuracy
     exactly from the (K, K) confusion matrix, ROC/AUC from the score histogram."""
     confusion = np.asarray(confusion)
-    names = _check_names(class_names, hist.num_classes)
+    names = check_class_names(class_names, hist.num_classes)
     if confusion.shape != (hist.num_classes, hist.num_classes):
         raise ValueError(f"confusion must have shape ({hist.num_classes}, {hist.num_classes}), got {confusion.shape}")
     if not np.issubdtype(confusion.dtype, np.integer) or confusion.min() < 0 or confusion.sum() == 0:
@@ -338,65 +219,6 @@ def report_from_counts(
     # One weighted (true, predicted) sample per cell lets scikit-learn compute the scores exactly as
     # `classification_report` does from the individual samples.
     y_true, y_pred = np.nonzero(confusion)
-    rocs = [_one_vs_rest_roc(*hist._weighted_bins(k)) for k in range(len(names))]
-    return _report(names, confusion.astype(np.int64), y_true, y_pred, confusion[y_true, y_pred], rocs)
+    rocs = [one_vs_rest_roc(*hist._weighted_bins(k)) for k in range(len(names))]
+    return report_from_confusion(names, confusion.astype(np.int64), y_true, y_pred, confusion[y_true, y_pred], rocs)
 
-
-def _bootstrap_aucs(y: np.ndarray, probs: np.ndarray, classes: list[int], n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, len(classes)) AUCs on resamples with replacement; NaN where a resample lacks a class.
-
-    AUC is the Mann-Whitney statistic from average ranks (equal to roc_auc_score), vectorised per chunk.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    chunk = max(1, 2_000_000 // n)  # bounds memory to a few (chunk, n) float arrays
-    aucs = np.empty((n_boot, len(classes)))
-    for start in range(0, n_boot, chunk):
-        rows = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        for column, k in enumerate(classes):
-            is_positive = y[rows] == k
-            positives = is_positive.sum(axis=1)
-            negatives = n - positives
-            ranks = rankdata(probs[rows, k], axis=1)
-            rank_sum = np.where(is_positive, ranks, 0.0).sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-            aucs[start : start + len(rows), column] = np.where((positives > 0) & (negatives > 0), auc, np.nan)
-    return aucs
-
-
-def _percentile_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        raise ValueError("every bootstrap resample lacked positives or negatives")
-    tail = 50 * (1 - confidence)
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def _check_bootstrap(y: np.ndarray, classes: Iterable[int], n_boot: int, confidence: float) -> None:
-    if n_boot < 1 or not 0 < confidence < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot}, {confidence}")
-    for k in classes:
-        if (y == k).all() or not (y == k).any():
-            raise ValueError(f"AUC of class {k} is undefined: it has no positive or no negative samples")
-
-
-def bootstrap_auc_ci(
-    y_true: np.ndarray, probs: np.ndarray, k: int, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the one-vs-rest AUC of class k (resamples without both groups skipped)."""
-    y, probs = _validated(y_true, probs)
-    _check_bootstrap(y, [k], n_boot, confidence)
-    return _percentile_ci(_bootstrap_aucs(y, probs, [k], n_boot, seed)[:, 0], confidence)
-
-
-def bootstrap_macro_auc_ci(
-    y_true: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the macro AUC over the classes whose AUC is defined on the full data;
-    resamples in which any of them lacks positives or negatives are skipped."""
-    y, probs = _validated(y_true, probs)
-    classes = [k for k in range(probs.shape[1]) if (y == k).any() and not (y == k).all()]
-    _check_bootstrap(y, classes or [0], n_boot, confidence)
-    return _percentile_ci(_bootstrap_aucs(y, probs, classes, n_boot, seed).mean(axis=1), confidence)

@@ -21,32 +21,44 @@ Outputs (``--out``; one ``fold-NN/`` folder per fold in k-fold mode):
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
 import copy
-import csv
-import json
 import math
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
-from pneumofed.common.augment import DEFAULT_AUGMENTATION, AugmentationConfig, build_augmentation
-from pneumofed.common.evaluate import DEFAULT_BOOTSTRAP, summarise, write_summary
-from pneumofed.common.metrics import classification_report
-from pneumofed.common.modelfile import ModelCard, save_model_file
-from pneumofed.common.models import MODEL_NAMES, build_model
-from pneumofed.common.plots import plot_curves
-from pneumofed.common.roistore import open_matching_stores
-from pneumofed.common.splits import patient_kfold, train_val_test_split
-from pneumofed.common.training import TrainConfig, TrainHistory, evaluate, seed_everything, train
+from pneumofed.common.data.splits import patient_kfold, train_val_test_split
+from pneumofed.common.data.store import PooledRois, pool_stores
+from pneumofed.common.files import write_csv, write_json
+from pneumofed.common.learning.augment import (
+    DEFAULT_AUGMENTATION,
+    AugmentationConfig,
+    build_augmentation,
+    expanded,
+)
+from pneumofed.common.learning.evaluation import (
+    DEFAULT_BOOTSTRAP,
+    summarise,
+    write_summary,
+)
+from pneumofed.common.learning.modelfile import ModelCard, save_model_file
+from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.training import (
+    TrainConfig,
+    TrainHistory,
+    evaluate,
+    seed_everything,
+    train,
+)
+from pneumofed.common.metrics.plots import plot_curves
+from pneumofed.common.metrics.report import classification_report, selection_key
 
 HOLDOUT_FRACTIONS = (0.7, 0.2, 0.1)
 INNER_VAL_FRACTIONS = (0.8, 0.2, 0.0)  # k-fold: validation patients carved from each fold's training part
@@ -64,6 +76,9 @@ class CentralisedSettings(BaseModel):
     training: TrainConfig = TrainConfig()
     augmentation: AugmentationConfig | None = DEFAULT_AUGMENTATION  # None: no augmentation
     folds: int | None = Field(None, ge=2)  # None: 70/20/10 hold-out
+    # Grow each training part offline to this many ROIs (the seed: ~520 -> 12,000) before training;
+    # None trains on the ROIs themselves. Online augmentation still applies on top.
+    expand: int | None = Field(None, ge=1)
     split_seed: int = Field(0, ge=0)
     bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=1)
 
@@ -101,70 +116,28 @@ class CentralisedResult:
         return self.folds[0].model_path
 
 
-@dataclass(frozen=True)
-class PooledStores:
-    """ROIs of several stores with the same settings; patient keys made distinct across stores."""
-
-    images: Tensor  # uint8 (N, 1, S, S)
-    labels: Tensor  # int64 (N,)
-    patient_keys: np.ndarray  # str (N,): "<store position>:<site pseudonym>"
-    roi_size: int
-    spacing_mm: float | None
-    class_names: list[str]
-
-    @classmethod
-    def open(cls, paths: list[Path]) -> PooledStores:
-        stores = open_matching_stores(paths)
-        first = stores[0].index
-        keys = [f"{position}:{key}" for position, store in enumerate(stores) for key in store.patient_keys]
-        return cls(
-            images=torch.cat([store.images for store in stores]),
-            labels=torch.cat([store.labels for store in stores]),
-            patient_keys=np.asarray(keys),
-            roi_size=first.roi_size,
-            spacing_mm=first.spacing_mm,
-            class_names=list(first.class_names),
-        )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: np.ndarray) -> Subset:
-        return Subset(_Uint8Rois(self.images, self.labels), indices.tolist())
-
-
-class _Uint8Rois(TensorDataset):
-    """Stored uint8 ROIs served as ``(float32 (1, S, S) in [0, 1], int label)`` like ``RoiDataset``.
-
-    A TensorDataset so the training loop reads labels straight from the tensor for class weights.
-    """
-
-    def __getitem__(self, item: int) -> tuple[Tensor, int]:
-        return self.tensors[0][item].float().div_(255.0), int(self.tensors[1][item])
-
-
 def train_centralised(stores: list[Path], settings: CentralisedSettings) -> CentralisedResult:
     """Train on the pooled stores with the settings' protocol and write the outputs to ``settings.out_dir``."""
-    data = PooledStores.open([Path(store) for store in stores])
-    labels = data.labels.numpy()
+    data = pool_stores(stores)
+    labels, patients = data.labels.numpy(), data.site_patient_keys
     out = settings.out_dir
     if settings.folds is None:
-        parts = train_val_test_split(labels, data.patient_keys, HOLDOUT_FRACTIONS, seed=settings.split_seed)
+        parts = train_val_test_split(labels, patients, HOLDOUT_FRACTIONS, seed=settings.split_seed)
         fold = _train_one(data, parts, settings, out, title="centralised")
         return CentralisedResult(out, [fold], fold.test)
 
     results = []
     for number, (train_part, test_part) in enumerate(
-        patient_kfold(labels, data.patient_keys, settings.folds, seed=settings.split_seed), start=1
+        patient_kfold(labels, patients, settings.folds, seed=settings.split_seed), start=1
     ):
         inner_train, inner_val, _ = train_val_test_split(
-            labels[train_part], data.patient_keys[train_part], INNER_VAL_FRACTIONS, seed=settings.split_seed
+            labels[train_part], patients[train_part], INNER_VAL_FRACTIONS, seed=settings.split_seed
         )
         parts = (train_part[inner_train], train_part[inner_val], test_part)
         title = f"centralised, fold {number} of {settings.folds}"
         results.append(_train_one(data, parts, settings, out / f"fold-{number:02d}", title=title))
     summary = _cross_validation_summary(results)
-    _write_json(out / "cv_summary.json", summary)
+    write_json(out / "cv_summary.json", summary)
     return CentralisedResult(out, results, summary)
 
 
@@ -176,8 +149,8 @@ def train_keeping_best_epoch(
     config: TrainConfig,
     augment: Callable[[Tensor], Tensor] | None,
 ) -> tuple[list[dict[str, float | None]], int]:
-    """Train `model` and leave it at its best epoch: highest validation macro AUC, as the federated
-    server keeps its best round; lower validation loss breaks ties and decides when AUC is undefined.
+    """Train `model` and leave it at its best epoch by `selection_key`, the rule by which the
+    federated server keeps its best round.
 
     Returns the per-epoch history (train and val loss/accuracy, val macro AUC) and the best epoch (1-based).
     """
@@ -195,7 +168,7 @@ def train_keeping_best_epoch(
             "val accuracy": evaluation.accuracy,
             "val auc": macro_auc,
         })
-        key = (-math.inf if macro_auc is None else macro_auc, -evaluation.loss)
+        key = selection_key(macro_auc, evaluation.loss)
         if key > best["key"]:
             best.update(key=key, epoch=epoch + 1, state=copy.deepcopy(model.state_dict()))
 
@@ -205,7 +178,7 @@ def train_keeping_best_epoch(
 
 
 def _train_one(
-    data: PooledStores,
+    data: PooledRois,
     parts: tuple[np.ndarray, np.ndarray, np.ndarray],
     settings: CentralisedSettings,
     out: Path,
@@ -216,18 +189,22 @@ def _train_one(
         if len(part) == 0:
             raise ValueError(f"the {name} part is empty: too few patients for this protocol")
     train_set, val_set, test_set = (data.subset(part) for part in parts)
+    if settings.expand is not None:
+        if settings.expand < len(train_set):
+            raise ValueError(f"--expand {settings.expand} is smaller than the training part ({len(train_set)} ROIs)")
+        train_set = expanded(train_set, settings.expand, settings.augmentation or DEFAULT_AUGMENTATION, settings.training.seed)
     seed_everything(settings.training.seed)  # weight initialisation repeats with the seed
     model = build_model(settings.model, len(data.class_names), width=settings.width)
     augment = None if settings.augmentation is None else build_augmentation(settings.augmentation)
 
     history, best_epoch = train_keeping_best_epoch(
-        model, train_set, val_set, data.class_names, settings.training, augment
+        model, train_set, val_set, list(data.class_names), settings.training, augment
     )
 
     card = ModelCard(
         model=settings.model,
         width=settings.width,
-        class_names=data.class_names,
+        class_names=list(data.class_names),
         roi_size=data.roi_size,
         spacing_mm=data.spacing_mm,
         provenance={
@@ -242,12 +219,12 @@ def _train_one(
 
     evaluation = evaluate(model, test_set, settings.training)
     test, report = summarise(
-        evaluation.labels, evaluation.probs, data.class_names,
+        evaluation.labels, evaluation.probs, list(data.class_names),
         loss=evaluation.loss, n_boot=settings.bootstrap, seed=settings.training.seed,
     )
     test = {"split": "test", "best-epoch": best_epoch, **test}
     test["outputs"] = write_summary(out, test, report, f"{title}, test (epoch {best_epoch})", prefix="test_")
-    keys = data.patient_keys
+    keys = data.site_patient_keys
     return FoldResult(
         out_dir=out,
         model_path=model_path,
@@ -261,11 +238,8 @@ def _train_one(
 
 
 def _write_history(out: Path, history: list[dict[str, float | None]], title: str) -> None:
-    _write_json(out / "history.json", history)
-    with (out / "history.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    write_json(out / "history.json", history)
+    write_csv(out / "history.csv", history)
     series = {name: [row[name] for row in history] for name in history[0] if name != "epoch"}
     plot_curves(out / "curves.png", [row["epoch"] for row in history], series, "epoch", title)
 
@@ -289,70 +263,3 @@ def _cross_validation_summary(folds: list[FoldResult]) -> dict[str, Any]:
             "folds-defined": len(values),
         }
     return summary
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1, allow_nan=False))
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", type=Path, action="append", required=True,
-                        help="prepared ROI store; repeat to pool several sites")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--model", choices=MODEL_NAMES, default="shufflenet_v2_eca")
-    parser.add_argument("--width", type=float, default=1.0, help="ShuffleNet width multiplier (0.5, 1.0, 1.5, 2.0)")
-    parser.add_argument("--folds", type=int, default=None,
-                        help="k-fold cross-validation by patient (e.g. 10); default: 70/20/10 hold-out")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--class-weighting", action="store_true", help="inverse-frequency class weights in the loss")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="online augmentation with the seven ops of the seed's Table 4 (default on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = CentralisedSettings(
-            out_dir=args.out,
-            model=args.model,
-            width=args.width,
-            training=TrainConfig(
-                epochs=args.epochs,
-                learning_rate=args.lr,
-                batch_size=args.batch_size,
-                weight_decay=args.weight_decay,
-                class_weighting=args.class_weighting,
-                seed=args.seed,
-                device=args.device,
-            ),
-            augmentation=DEFAULT_AUGMENTATION if args.augment else None,
-            folds=args.folds,
-            split_seed=args.seed,
-            bootstrap=args.bootstrap,
-        )
-        result = train_centralised(args.store, settings)
-    except ValidationError as error:
-        print(f"pneumofed train: invalid settings:\n{error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"pneumofed train: error: {error}", file=sys.stderr)
-        return 2
-    summary = result.summary
-    if settings.folds is None:
-        auc = summary["macro_auc"]
-        print(f"best epoch {result.folds[0].best_epoch}: test accuracy {summary['accuracy']:.3f}, "
-              f"macro AUC {'undefined' if auc is None else f'{auc:.3f}'}; model {result.model_path}")
-    else:
-        for name in SUMMARY_METRICS:
-            stats = summary[name]
-            if stats["mean"] is not None:
-                sd = "" if stats["sd"] is None else f" ± {stats['sd']:.3f}"
-                print(f"{name}: {stats['mean']:.3f}{sd} over {stats['folds-defined']} folds")
-    print(f"written to {settings.out_dir}")
-    return 0

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
-from pneumofed.common.models import MODEL_NAMES
+from pneumofed.common.learning.models import MODEL_NAMES, build_model
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
 
@@ -77,6 +78,10 @@ class FederatedConfig(BaseModel):
     def site_paths(self) -> list[Path]:
         """ROI stores of the simulated sites, in partition order (simulation only)."""
         return [Path(part) for part in self.sites.split(",") if part.strip()]
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised network of the run's architecture, width and classes (1-channel ROIs)."""
+        return build_model(self.model, len(self.classes), in_channels=1, width=self.model_width)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederatedConfig:

@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +77,13 @@ class Radiograph:
     ``pixels``: float32 (H, W) in [0, 1], MONOCHROME2. ``pixel_spacing_mm``: (row, column) spacing
     of ``pixels`` (the target spacing after resampling), None when the file states none.
     ``scale``: factor applied by resampling (1.0 without); multiply boxes in stored-pixel
-    coordinates by it. ``institution`` serves only to split data by site in simulations and must
-    never be persisted with ROIs.
+    coordinates by it.
     """
 
     pixels: np.ndarray
     pixel_spacing_mm: tuple[float, float] | None
     scale: float
     patient_id: str
-    modality: str
-    institution: str
-    photometric: str
-    transfer_syntax: UID
 
 
 def load_radiograph(path: str | os.PathLike[str], *, target_spacing_mm: float | None = None) -> Radiograph:
@@ -119,10 +114,6 @@ def load_radiograph(path: str | os.PathLike[str], *, target_spacing_mm: float | 
         pixel_spacing_mm=spacing,
         scale=scale,
         patient_id=str(ds.get("PatientID", "") or ""),
-        modality=str(ds.get("Modality", "") or ""),
-        institution=str(ds.get("InstitutionName", "") or ""),
-        photometric=str(ds.PhotometricInterpretation),
-        transfer_syntax=ds.file_meta.TransferSyntaxUID,
     )
 
 

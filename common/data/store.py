@@ -12,10 +12,10 @@ accession numbers, institution names, UIDs or file names.
 
 from __future__ import annotations
 
+import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pneumofed.common.files import atomic_write
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -76,31 +78,16 @@ def shard_path(store_dir: Path, source_sha256: str) -> Path:
     return store_dir / PIXELS_DIR / f"{source_sha256}.npy"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder + os.replace, so readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_shard(store_dir: Path, source_sha256: str, rois: np.ndarray) -> None:
     if rois.dtype != np.uint8 or rois.ndim != 3:
         raise ValueError(f"a shard is uint8 (k, S, S), got {rois.dtype} {rois.shape}")
     buffer = io.BytesIO()
     np.save(buffer, rois, allow_pickle=False)
-    atomic_write_bytes(shard_path(store_dir, source_sha256), buffer.getvalue())
+    atomic_write(shard_path(store_dir, source_sha256), buffer.getvalue())
 
 
 def write_index(store_dir: Path, index: RoiIndex) -> None:
-    atomic_write_bytes(store_dir / INDEX_FILE, index.model_dump_json(indent=1).encode())
+    atomic_write(store_dir / INDEX_FILE, index.model_dump_json(indent=1))
 
 
 def read_index(store_dir: Path) -> RoiIndex:
@@ -148,21 +135,106 @@ class RoiStore:
         return dict(zip(self.class_names, counts, strict=True))
 
 
-def open_matching_stores(paths: Sequence[str | Path]) -> list[RoiStore]:
-    """Open several stores for pooling; they must share ROI size, spacing and class names."""
+class StoreMismatch(ValueError):
+    """ROIs were not prepared the way their user expects (ROI size, spacing or classes differ)."""
+
+
+@dataclass(frozen=True)
+class StoreRequirements:
+    """What a caller needs of a store; a field left None is not checked."""
+
+    roi_size: int | None = None
+    class_names: tuple[str, ...] | None = None
+    spacing_mm: float | None = None
+    required_by: str = "the caller"  # named in the error: "the model", "the run", ...
+
+    def problem(self, store: RoiStore) -> str | None:
+        index = store.index
+        if self.roi_size is not None and index.roi_size != self.roi_size:
+            return (
+                f"store {store.path} holds {index.roi_size}-px ROIs but {self.required_by} expects "
+                f"{self.roi_size}-px ROIs; re-run `pneumofed prepare` with --roi-size {self.roi_size}"
+            )
+        if self.class_names is not None and tuple(index.class_names) != tuple(self.class_names):
+            return (
+                f"store {store.path} has classes {list(index.class_names)} but {self.required_by} uses "
+                f"{list(self.class_names)} (same names in the same order are required); re-run `pneumofed prepare`"
+            )
+        if self.spacing_mm is not None and index.spacing_mm != self.spacing_mm:
+            return (
+                f"store {store.path} was prepared at spacing {index.spacing_mm} mm but {self.required_by} expects "
+                f"{self.spacing_mm} mm; re-run `pneumofed prepare` with --spacing-mm {self.spacing_mm}"
+            )
+        return None
+
+
+def open_stores(paths: Sequence[str | Path], required: StoreRequirements | None = None) -> list[RoiStore]:
+    """The one way to open ROI stores: each is loaded and validated, all share ROI size, spacing and
+    class names (so they can be pooled), and each meets `required` when given."""
     if not paths:
-        raise ValueError("pooling needs at least one ROI store")
+        raise ValueError("need at least one ROI store")
     stores = [RoiStore.open(path) for path in paths]
     first = stores[0].index
     for store in stores[1:]:
         index = store.index
         if (index.class_names, index.roi_size, index.spacing_mm) != (first.class_names, first.roi_size, first.spacing_mm):
-            raise ValueError(
+            raise StoreMismatch(
                 f"{store.path} ({index.roi_size} px, {index.spacing_mm} mm, {list(index.class_names)}) does not match "
                 f"{stores[0].path} ({first.roi_size} px, {first.spacing_mm} mm, {list(first.class_names)}): "
                 "prepare them with the same settings"
             )
+    problem = None if required is None else required.problem(stores[0])
+    if problem is not None:
+        raise StoreMismatch(problem)
     return stores
+
+
+@dataclass(frozen=True)
+class PooledRois:
+    """The ROIs of several matching stores side by side; `origin[i]` is the store ROI i came from."""
+
+    class_names: tuple[str, ...]
+    roi_size: int
+    spacing_mm: float | None
+    secret_check: str
+    records: tuple[RoiRecord, ...]
+    images: Tensor  # uint8 (N, 1, S, S)
+    labels: Tensor  # int64 (N,)
+    origin: np.ndarray  # int (N,)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def patient_keys(self) -> np.ndarray:
+        """Each ROI's site pseudonym (stores keyed with one secret share a patient's key)."""
+        return np.array([r.patient_key for r in self.records])
+
+    @property
+    def site_patient_keys(self) -> np.ndarray:
+        """`<store position>:<pseudonym>`: patients of different stores are never merged."""
+        return np.array([f"{origin}:{r.patient_key}" for origin, r in zip(self.origin, self.records, strict=True)])
+
+    def subset(self, indices: Sequence[int] | np.ndarray | None = None) -> RoiDataset:
+        return RoiDataset(self, indices)
+
+
+def pool_stores(paths: Sequence[str | Path]) -> PooledRois:
+    stores = open_stores(paths)
+    first = stores[0].index
+    checks = sorted({s.index.secret_check for s in stores})
+    return PooledRois(
+        class_names=first.class_names,
+        roi_size=first.roi_size,
+        spacing_mm=first.spacing_mm,
+        # One store keeps its own check; a pool of several secrets matches none of them, so
+        # `pneumofed prepare` pointed at a derived store rebuilds it rather than mixing keys.
+        secret_check=checks[0] if len(checks) == 1 else hashlib.sha256("".join(checks).encode()).hexdigest(),
+        records=tuple(r for s in stores for r in s.index.records),
+        images=torch.cat([s.images for s in stores]),
+        labels=torch.cat([s.labels for s in stores]),
+        origin=np.concatenate([np.full(len(s), i) for i, s in enumerate(stores)]),
+    )
 
 
 def _load_shard(store_dir: Path, source_sha256: str, size: int) -> np.ndarray:
@@ -175,10 +247,26 @@ def _load_shard(store_dir: Path, source_sha256: str, size: int) -> np.ndarray:
     return shard
 
 
-class RoiDataset(Dataset):
-    """Items ``(float32 (1, S, S) in [0, 1], int label)`` indexed straight out of the preloaded store."""
+@dataclass(frozen=True)
+class RoiArrays:
+    """ROIs in memory with no store behind them (e.g. a training part grown by offline augmentation)."""
 
-    def __init__(self, store: RoiStore, indices: Sequence[int] | np.ndarray | Tensor | None = None) -> None:
+    images: Tensor  # uint8 (N, 1, S, S)
+    labels: Tensor  # int64 (N,)
+    patient_keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class RoiDataset(Dataset):
+    """Items ``(float32 (1, S, S) in [0, 1], int label)`` indexed straight out of preloaded ROIs.
+
+    ``store`` is a `RoiStore`, `PooledRois` or `RoiArrays`: uint8 ``images`` (N, 1, S, S), int64
+    ``labels`` and per-ROI ``patient_keys``.
+    """
+
+    def __init__(self, store: RoiStore | PooledRois | RoiArrays, indices: Sequence[int] | np.ndarray | Tensor | None = None) -> None:
         self.store = store
         selected = torch.arange(len(store)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         if selected.ndim != 1:

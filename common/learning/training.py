@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from pneumofed.common.augment import augment_batch
+from pneumofed.common.learning.augment import augment_batch
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts 32-bit seeds only
@@ -39,7 +39,6 @@ class TrainConfig(BaseModel):
     class_weighting: bool = False
     seed: int = Field(0, ge=0, le=_MAX_SEED)
     device: str = "auto"
-    num_workers: int = Field(0, ge=0)
     progress: bool | None = None
 
     @field_validator("device")
@@ -167,7 +166,6 @@ def train(
         shuffle=True,
         # A trailing batch of one breaks BatchNorm's batch statistics; drop it, and only it.
         drop_last=n > config.batch_size and n % config.batch_size == 1,
-        num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),
     )
@@ -218,7 +216,6 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> Evaluat
         dataset,
         batch_size=config.batch_size,
         shuffle=False,
-        num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )
     loss_sum = 0.0

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pneumofed.common.models import build_model
-from pneumofed.common.weights import exchanged_state, load_exchanged_state
+from pneumofed.common.files import atomic_write
+from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.state import floating_state, load_floating_state
 
 FORMAT = "pneumofed-model/1"
 
@@ -31,12 +32,9 @@ class ModelCard(BaseModel):
 
 
 def save_model_file(path: str | Path, model: nn.Module, card: ModelCard) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"card": card.model_dump(), "state": exchanged_state(model)}, partial)
-    os.replace(partial, path)  # never leave a half-written model where a reader expects one
-    return path
+    buffer = io.BytesIO()
+    torch.save({"card": card.model_dump(), "state": floating_state(model)}, buffer)
+    return atomic_write(path, buffer.getvalue())  # never a half-written model where a reader expects one
 
 
 def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelCard]:
@@ -51,5 +49,5 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     if card.format != FORMAT:
         raise ValueError(f"{path}: unsupported model file format {card.format!r}")
     model = build_model(card.model, len(card.class_names), in_channels=card.in_channels, width=card.width)
-    load_exchanged_state(model, payload["state"])
+    load_floating_state(model, payload["state"])
     return model.to(device).eval(), card

@@ -22,14 +22,12 @@ a local report, not part of the pseudonymised store (``index.json`` + ``pixels/`
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -41,19 +39,19 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pneumofed.common.dicom import DicomRejected, load_radiograph
-from pneumofed.common.roistore import (
+from pneumofed.common.data.dicom import DicomRejected, load_radiograph
+from pneumofed.common.data.store import (
     FORMAT_VERSION,
     INDEX_FILE,
     PIXELS_DIR,
     RoiIndex,
     RoiRecord,
-    atomic_write_bytes,
     read_index,
     shard_path,
     write_index,
     write_shard,
 )
+from pneumofed.common.files import atomic_write
 
 DEFAULT_LABEL_MAP: dict[str, int] = {"nodule": 0, "interstitial": 1, "emphysema": 2}
 # Letter codes of the imaging features (A-C from Dong et al. 2022; D, E for extended label maps).
@@ -433,7 +431,7 @@ def prepare_site(
         rejects=sorted(rejects, key=lambda r: (r.row or 0, r.file or "")),
         unannotated_files=sorted(set(files.values()) - annotated),
     )
-    atomic_write_bytes(out_dir / REJECTS_FILE, report.model_dump_json(indent=1).encode())
+    atomic_write(out_dir / REJECTS_FILE, report.model_dump_json(indent=1))
     return report
 
 
@@ -580,46 +578,3 @@ def _remove_orphan_shards(out_dir: Path, referenced: set[str]) -> None:
     for path in (out_dir / PIXELS_DIR).glob("*"):
         if path.is_file() and path.stem not in referenced:
             path.unlink()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder of DICOM files (searched at any depth)")
-    parser.add_argument("--annotations", type=Path, required=True,
-                        help="CSV: file,patient_id,x,y,width,height,finding (file relative to the CSV's folder "
-                             "or to --dicom-dir)")
-    parser.add_argument("--out", type=Path, required=True, help="ROI store folder (created or updated)")
-    parser.add_argument("--label-map", default=None,
-                        help="JSON file, inline JSON or 'nodule=0,interstitial=1,emphysema=2' (the default); "
-                             "pleural_plaque and mediastinal_mass are also known findings")
-    parser.add_argument("--roi-size", type=int, default=64, help="side of the stored square ROIs in pixels")
-    parser.add_argument("--spacing-mm", type=float, default=None,
-                        help="resample every image to this pixel spacing first (boxes scale with it)")
-    parser.add_argument("--secret-file", type=Path, default=DEFAULT_SECRET_PATH,
-                        help="site secret for patient keys; created (0600) on first use; never leaves the site")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        label_map = DEFAULT_LABEL_MAP if args.label_map is None else parse_label_map(args.label_map)
-        report = prepare_site(
-            args.dicom_dir,
-            args.annotations,
-            args.out,
-            label_map=label_map,
-            roi_size=args.roi_size,
-            spacing_mm=args.spacing_mm,
-            secret_path=args.secret_file,
-            workers=args.workers,
-        )
-    except PrepareInputError as error:
-        print(f"pneumofed prepare: error: {error}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    if report.rejects:
-        print(f"details: {Path(args.out) / REJECTS_FILE}")
-    return 0 if report.rois else 1

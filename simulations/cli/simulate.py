@@ -1,7 +1,7 @@
 """`pneumofed simulate`: the main job, a local multicentre Flower simulation.
 
-With no sites given it uses the built-in synthetic hospitals, writing them with
-`pneumofed synth` and preparing their ROI stores on first use (later runs reuse both).
+With no sites given it uses the built-in synthetic hospitals (`simulations.sites`), writing and
+preparing them on first use (later runs reuse both).
 """
 
 from __future__ import annotations
@@ -9,35 +9,14 @@ from __future__ import annotations
 import argparse
 import time
 import tomllib
-from typing import get_args
 from pathlib import Path
+from typing import get_args
 
-from pneumofed.common.config import StrategyName
-from pneumofed.common.models import MODEL_NAMES
-from pneumofed.common.prepare import prepare_site
-from pneumofed.common.synth import write_hospitals
+from pneumofed.common.federation.config import StrategyName
+from pneumofed.common.learning.models import MODEL_NAMES
 from pneumofed.simulations.flower import SimulationFailed, run_simulation
 from pneumofed.simulations.partition import prepare_natural_sites
-
-
-def synthetic_sites(data_dir: Path, hospitals: int, rois: int, roi_size: int, seed: int) -> list[Path]:
-    """ROI stores of the synthetic hospitals under `data_dir`, created when absent."""
-    hospital_dirs = sorted(data_dir.glob("hospital-*"))
-    if len(hospital_dirs) < hospitals or not all((h / "annotations.csv").is_file() for h in hospital_dirs):
-        print(f"writing {hospitals} synthetic hospitals to {data_dir} ...", flush=True)
-        hospital_dirs = write_hospitals(data_dir, n_hospitals=hospitals, rois_per_hospital=rois, seed=seed)
-    stores = []
-    for hospital in hospital_dirs[:hospitals]:
-        store = data_dir / "stores" / hospital.name
-        prepare_site(
-            hospital / "dicom",
-            hospital / "annotations.csv",
-            store,
-            roi_size=roi_size,
-            secret_path=data_dir / "secrets" / f"{hospital.name}.key",
-        )
-        stores.append(store)
-    return stores
+from pneumofed.simulations.sites import synthetic_sites
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,1 @@
+"""Hospital data: DICOM decoding, ROI cutting, the ROI store, patient splits, synthetic hospitals."""

@@ -1,0 +1,50 @@
+"""Federated evaluation pooled exactly: sites' counts are summed, site AUCs are never averaged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from pneumofed.common.metrics.histogram import ScoreHistogram, report_from_counts
+from pneumofed.common.metrics.report import ClassificationReport
+
+
+@dataclass
+class PooledEvaluation:
+    """One round's federated evaluation: pooled over sites, and each site alone."""
+
+    report: ClassificationReport
+    loss: float
+    num_examples: int
+    site_auc: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "eval-loss": self.loss,
+            "num-examples": self.num_examples,
+            **self.report.model_dump(mode="json", exclude={"per_class": {"__all__": {"roc"}}}),
+            "site-auc": self.site_auc,
+        }
+
+
+def pool_evaluations(contents: list[RecordDict], site_names: list[str], class_names: list[str]) -> PooledEvaluation:
+    """Exact pooling: histograms and confusion matrices are summed, never site AUCs averaged."""
+    metrics = [next(iter(content.metric_records.values())) for content in contents]
+    histograms = [ScoreHistogram.from_flat(m) for m in metrics]
+    k = len(class_names)
+    confusion = sum(np.asarray(m["confusion"], dtype=np.int64).reshape(k, k) for m in metrics)
+    counts = np.array([int(m["num-examples"]) for m in metrics])
+    losses = np.array([float(m["eval-loss"]) for m in metrics])
+    site_auc = {
+        name: {cls: hist.auc(i) for i, cls in enumerate(class_names)} | {"macro": hist.macro_auc()}
+        for name, hist in zip(site_names, histograms, strict=True)
+    }
+    return PooledEvaluation(
+        report=report_from_counts(ScoreHistogram.merge(histograms), confusion, class_names),
+        loss=float(np.average(losses, weights=counts)) if counts.sum() else float("nan"),
+        num_examples=int(counts.sum()),
+        site_auc=site_auc,
+    )

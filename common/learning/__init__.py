@@ -1,0 +1,1 @@
+"""Learning: the model registry, augmentation, the one train/evaluate loop, model files."""

@@ -1,0 +1,132 @@
+"""A federated run, round by round, readable in one place.
+
+Each round: the strategy picks nodes and builds the train instructions; every reply is validated
+(`validation.update_problem`) and a bad one dropped with its reason; the strategy aggregates the
+rest; the new global model is evaluated on the sites' validation parts and pooled
+(`pooling.pool_evaluations`); the run directory records the round. After the last round the model
+with the best pooled validation score is evaluated once on the sites' test parts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
+from pneumofed.common.learning.state import floating_state
+from pneumofed.server.outputs import RunDirectory
+from pneumofed.server.strategy import (
+    build_strategy,
+    optimiser_state,
+    restore_optimiser_state,
+)
+from pneumofed.server.validation import update_problem
+
+log = logging.getLogger("pneumofed.server")
+
+
+@dataclass
+class TrainRound:
+    """What one round of training produced: the new global arrays (None if no update was usable)."""
+
+    arrays: ArrayRecord | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    participants: list[int] = field(default_factory=list)
+
+
+def initial_arrays(config: FederatedConfig) -> ArrayRecord:
+    """The seeded random initialisation every site starts from."""
+    torch.manual_seed(config.seed)
+    return ArrayRecord(floating_state(config.build_model()))
+
+
+def aggregate_train_round(
+    strategy: FedAvg, server_round: int, global_arrays: ArrayRecord, replies: Iterable[Message], max_update_ratio: float
+) -> TrainRound:
+    """Validate every reply, then let the strategy aggregate the accepted ones."""
+    accepted, rejected = [], []
+    # Replies arrive in network order; aggregating them in node order makes the aggregate (and a
+    # resumed run) reproducible to the last bit.
+    for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
+        problem = None if reply.has_error() else update_problem(global_arrays, reply.content, max_update_ratio)
+        if problem is None:
+            accepted.append(reply)
+            continue
+        node = reply.metadata.src_node_id
+        log.warning("round %d: dropping update from node %s: %s", server_round, node, problem)
+        rejected.append({"node": node, "reason": problem})
+    arrays, metrics = strategy.aggregate_train(server_round, accepted)
+    return TrainRound(
+        arrays=None if arrays is None else _in_dtypes_of(global_arrays, arrays),
+        metrics={} if metrics is None else {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
+        rejected=rejected,
+        participants=[reply.metadata.src_node_id for reply in accepted if not reply.has_error()],
+    )
+
+
+def _in_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
+    # Server optimisers (FedAdam's moments) compute in float64; sites train in float32 and
+    # their next updates are checked against the global model's dtypes.
+    return ArrayRecord(
+        {
+            name: torch.from_numpy(array.numpy().astype(reference[name].numpy().dtype, copy=False))
+            for name, array in arrays.items()
+        }
+    )
+
+
+def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEvaluation | None:
+    """Pooled evaluation of the replies that carry no error, in node order; None if none does."""
+    answered = sorted((reply for reply in replies if not reply.has_error()), key=lambda reply: reply.metadata.src_node_id)
+    if not answered:
+        return None
+    names = [_site_label(reply) for reply in answered]
+    return pool_evaluations([reply.content for reply in answered], names, class_names)
+
+
+def _site_label(reply: Message) -> str:
+    site = reply.content.config_records.get("site")
+    return str(site["name"]) if site and "name" in site else f"node-{reply.metadata.src_node_id}"
+
+
+def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> None:
+    """The remaining rounds of `run`, then the final test evaluation of its best model."""
+    strategy = build_strategy(config)
+    restore_optimiser_state(strategy, run.optimiser_state)
+    arrays = run.global_arrays or initial_arrays(config)
+    train_config = ConfigRecord({"local-epochs": config.local_epochs, "learning-rate": config.learning_rate})
+    evaluation: PooledEvaluation | None = None
+    for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
+        log.info("round %d of %d", server_round, config.num_server_rounds)
+        instructions = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        trained = aggregate_train_round(
+            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout),
+            config.max_update_ratio,
+        )
+        if trained.arrays is not None:
+            arrays = trained.arrays
+        instructions = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid)
+        evaluation = pool_replies(grid.send_and_receive(instructions, timeout=config.round_timeout), config.classes)
+        run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy))
+    run.write_plots(evaluation)
+    best = run.best_arrays()
+    if best is None:
+        log.warning("no round produced a pooled AUC; skipping the final test evaluation")
+        return
+    instruction = ConfigRecord({"split": "test", "server-round": config.num_server_rounds})
+    messages = [
+        Message(RecordDict({"arrays": best, "config": instruction}), node_id, MessageType.EVALUATE)
+        for node_id in grid.get_node_ids()
+    ]
+    final = pool_replies(grid.send_and_receive(messages, timeout=config.round_timeout), config.classes)
+    if final is not None:
+        run.write_final(final)

@@ -1,0 +1,31 @@
+"""`pneumofed experiment CONFIG.toml`: centralised vs federated vs local-only (see `simulations.experiment`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pneumofed.simulations.experiment import load_config, run_experiment
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="experiment TOML (see simulations/configs/)")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/<name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
+        print(f"pneumofed experiment: invalid config {args.config}:\n{error}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / config.name
+    started = time.perf_counter()
+    run_experiment(config, out)
+    print(f"results in {out.resolve()} (results.md, results.csv; {time.perf_counter() - started:.0f} s)")
+    return 0
