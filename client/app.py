@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -27,13 +28,18 @@ from pneumofed.common.data.site import SiteData, load_site
 from pneumofed.common.data.store import StoreRequirements
 from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.learning.state import floating_state, load_floating_state
+from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
 from pneumofed.common.metrics.histogram import ScoreHistogram
 from pneumofed.common.metrics.report import confusion_counts
 
 app = ClientApp()
+
+# Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
+LOCAL_BATCHNORM = "local-batchnorm"
+OPTIMIZER_MOMENTS = "optimizer-moments"
 
 
 def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
@@ -59,39 +65,63 @@ def _site_seed(run_seed: int, server_round: int, name: str) -> int:
 
 
 def _global_model_at_site(
-    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict
 ) -> tuple[FederatedConfig, SiteData, nn.Module]:
-    """The run's settings, this site's data, and the received global model ready to use."""
+    """The run's settings, this site's data, and the received global model with the site's own
+    BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use."""
     config = FederatedConfig.from_run_config(run_config)
     required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
     site = load_site(_site_path(node_config, config), config.seed, required)
     model = config.build_model()
-    load_floating_state(model, arrays.to_torch_state_dict())
+    local = state.array_records.get(LOCAL_BATCHNORM)
+    load_exchanged_state(model, arrays.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
     return config, site, model
 
 
+def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+    """This site's class counts in its training part, for federation-wide class weights."""
+    config = FederatedConfig.from_run_config(run_config)
+    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
+    site = load_site(_site_path(node_config, config), config.seed, required)
+    counts = torch.bincount(site.train.labels, minlength=len(config.classes)).tolist()
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(site.train), "class-counts": counts})})
+
+
 def train_locally(
-    arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    arrays: ArrayRecord,
+    instruction: ConfigRecord,
+    run_config: Mapping[str, Any],
+    node_config: Mapping[str, Any],
+    state: RecordDict,
 ) -> RecordDict:
-    """One round of local training from the global `arrays`; returns the reply content."""
-    config, site, model = _global_model_at_site(arrays, run_config, node_config)
+    """One round of local training from the global `arrays`; returns the reply content and keeps
+    what must stay at the site (its BatchNorm part, its optimiser moments) in `state`."""
+    config, site, model = _global_model_at_site(arrays, run_config, node_config, state)
     server_round = int(instruction["server-round"])
     train_config = training.TrainConfig(
         epochs=int(instruction.get("local-epochs", config.local_epochs)),
         learning_rate=float(instruction.get("learning-rate", config.learning_rate)),
         batch_size=config.batch_size,
-        class_weighting=config.class_weighting,
         seed=_site_seed(config.seed, server_round, site_name(node_config, config)),
         progress=False,
     )
     augment = build_augmentation(DEFAULT_AUGMENTATION) if config.augment else None
+    moments = state.array_records.get(OPTIMIZER_MOMENTS) if config.keep_optimizer_state else None
     history = training.train(
         model,
         site.train,
         train_config,
         augment=augment,
         proximal_mu=float(instruction.get("proximal-mu", 0.0)),
+        class_weights=instruction.get("class-weights"),
+        optimizer_moments=moments and moments.to_torch_state_dict(),
     )
+    # The statistics that travel (or stay) must describe the weights just trained.
+    recalibrate_batchnorm(model, site.train, max(config.batch_size, 64), training.select_device("auto"))
+    if config.bn_mode != "shared":
+        state[LOCAL_BATCHNORM] = ArrayRecord(local_state(model, config.bn_mode))
+    if config.keep_optimizer_state:
+        state[OPTIMIZER_MOMENTS] = ArrayRecord(history.optimizer_moments)
     metrics = MetricRecord(
         {
             "num-examples": len(site.train),
@@ -99,14 +129,19 @@ def train_locally(
             "train-accuracy": float(history.accuracy[-1]),
         }
     )
-    return RecordDict({"arrays": ArrayRecord(floating_state(model)), "metrics": metrics})
+    return RecordDict({"arrays": ArrayRecord(exchanged_state(model, config.bn_mode)), "metrics": metrics})
 
 
 def evaluate_locally(
-    arrays: ArrayRecord, instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    arrays: ArrayRecord,
+    instruction: ConfigRecord,
+    run_config: Mapping[str, Any],
+    node_config: Mapping[str, Any],
+    state: RecordDict,
 ) -> RecordDict:
-    """Evaluate the global `arrays` on this site's validation (or, when asked, test) part."""
-    config, site, model = _global_model_at_site(arrays, run_config, node_config)
+    """Evaluate the global `arrays` (with the site's own BatchNorm part) on this site's validation
+    (or, when asked, test) part."""
+    config, site, model = _global_model_at_site(arrays, run_config, node_config, state)
     data = site.part(str(instruction.get("split", "val")))
     result = training.evaluate(
         model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)
@@ -127,14 +162,25 @@ def evaluate_locally(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    content = train_locally(msg.content["arrays"], msg.content["config"], context.run_config, context.node_config)
+    content = train_locally(
+        msg.content["arrays"], msg.content["config"], context.run_config, context.node_config, context.state
+    )
     _audit(context, msg, content)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    content = evaluate_locally(msg.content["arrays"], msg.content["config"], context.run_config, context.node_config)
+    content = evaluate_locally(
+        msg.content["arrays"], msg.content["config"], context.run_config, context.node_config, context.state
+    )
+    _audit(context, msg, content)
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    content = count_classes(context.run_config, context.node_config)
     _audit(context, msg, content)
     return Message(content=content, reply_to=msg)
 

@@ -25,10 +25,10 @@ from flwr.app import ArrayRecord
 
 from pneumofed.common.federation.audit import append_run_audit
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.exchange import load_exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation
 from pneumofed.common.files import atomic_write, write_csv, write_json
 from pneumofed.common.learning.modelfile import ModelCard, save_model_file
-from pneumofed.common.learning.state import load_floating_state
 from pneumofed.common.metrics.plots import plot_confusion, plot_curves, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, selection_key
 
@@ -128,7 +128,9 @@ class RunDirectory:
 
     def save_model(self, path: Path, arrays: ArrayRecord, server_round: int) -> Path:
         model = self.config.build_model()
-        load_floating_state(model, arrays.to_torch_state_dict())
+        # Under fedbn/silobn the global model has no site's BatchNorm part: the file carries the
+        # layers' initial values there (`pneumofed evaluate --calibrate-bn` fits statistics to a site).
+        load_exchanged_state(model, arrays.to_torch_state_dict(), self.config.bn_mode)
         card = ModelCard(
             model=self.config.model,
             width=self.config.model_width,

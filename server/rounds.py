@@ -14,20 +14,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
-from pneumofed.common.learning.state import floating_state
+from pneumofed.common.learning.batchnorm import batchnorm_names
 from pneumofed.server.outputs import RunDirectory
-from pneumofed.server.strategy import (
-    build_strategy,
-    optimiser_state,
-    restore_optimiser_state,
-)
+from pneumofed.server.strategy import SERVER_OPTIMISERS, build_strategy, optimiser_state, restore_optimiser_state
 from pneumofed.server.validation import update_problem
 
 log = logging.getLogger("pneumofed.server")
@@ -44,20 +43,33 @@ class TrainRound:
 
 
 def initial_arrays(config: FederatedConfig) -> ArrayRecord:
-    """The seeded random initialisation every site starts from."""
+    """The seeded random initialisation every site starts from (its exchanged part)."""
     torch.manual_seed(config.seed)
-    return ArrayRecord(floating_state(config.build_model()))
+    return ArrayRecord(exchanged_state(config.build_model(), config.bn_mode))
 
 
 def aggregate_train_round(
-    strategy: FedAvg, server_round: int, global_arrays: ArrayRecord, replies: Iterable[Message], max_update_ratio: float
+    strategy: FedAvg,
+    server_round: int,
+    global_arrays: ArrayRecord,
+    replies: Iterable[Message],
+    config: FederatedConfig,
 ) -> TrainRound:
-    """Validate every reply, then let the strategy aggregate the accepted ones."""
+    """Validate every reply, then let the strategy aggregate the accepted ones.
+
+    A server optimiser (FedAdam, FedAvgM) steps only the trained parameters: BatchNorm running
+    statistics are averaged plainly, as no optimiser step means anything for them (a momentum
+    step can drive a variance negative).
+    """
+    statistics = batchnorm_names(config.build_model()).statistics & set(global_arrays.keys())
+    variances = {name for name in statistics if name.endswith("running_var")}
     accepted, rejected = [], []
     # Replies arrive in network order; aggregating them in node order makes the aggregate (and a
     # resumed run) reproducible to the last bit.
     for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
-        problem = None if reply.has_error() else update_problem(global_arrays, reply.content, max_update_ratio)
+        problem = None if reply.has_error() else update_problem(
+            global_arrays, reply.content, config.max_update_ratio, variances
+        )
         if problem is None:
             accepted.append(reply)
             continue
@@ -65,6 +77,10 @@ def aggregate_train_round(
         log.warning("round %d: dropping update from node %s: %s", server_round, node, problem)
         rejected.append({"node": node, "reason": problem})
     arrays, metrics = strategy.aggregate_train(server_round, accepted)
+    if arrays is not None and statistics and config.strategy in SERVER_OPTIMISERS:
+        contents = [reply.content for reply in accepted if not reply.has_error()]
+        averaged = aggregate_arrayrecords(contents, "num-examples")
+        arrays = ArrayRecord({name: averaged[name] if name in statistics else array for name, array in arrays.items()})
     return TrainRound(
         arrays=None if arrays is None else _in_dtypes_of(global_arrays, arrays),
         metrics={} if metrics is None else {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
@@ -82,6 +98,27 @@ def _in_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
             for name, array in arrays.items()
         }
     )
+
+
+def federation_class_weights(grid: Grid, config: FederatedConfig) -> list[float]:
+    """Balanced weights n / (K * n_k) from the class counts of every site's training part, so that
+    all sites minimise one and the same weighted loss (a class absent everywhere gets weight 0)."""
+    query = RecordDict({"config": ConfigRecord({"query": "class-counts", "server-round": 0})})
+    messages = [Message(query, node_id, MessageType.QUERY) for node_id in grid.get_node_ids()]
+    counts = np.zeros(len(config.classes), dtype=np.int64)
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+        site_counts = None if reply.has_error() else reply.content["metrics"].get("class-counts")
+        if not isinstance(site_counts, list) or len(site_counts) != len(config.classes) or min(site_counts) < 0:
+            log.warning("node %s sent no usable class counts; weights use the other sites", reply.metadata.src_node_id)
+            continue
+        counts += np.asarray(site_counts, dtype=np.int64)
+    if counts.sum() == 0:
+        raise RuntimeError("no site reported class counts: cannot weight the classes (set class-weighting=false)")
+    present = counts > 0
+    weights = np.zeros(len(counts))
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    log.info("federation-wide class counts %s -> class weights %s", counts.tolist(), np.round(weights, 4).tolist())
+    return [float(w) for w in weights]
 
 
 def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEvaluation | None:
@@ -104,13 +141,14 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     restore_optimiser_state(strategy, run.optimiser_state)
     arrays = run.global_arrays or initial_arrays(config)
     train_config = ConfigRecord({"local-epochs": config.local_epochs, "learning-rate": config.learning_rate})
+    if config.class_weighting:
+        train_config["class-weights"] = federation_class_weights(grid, config)
     evaluation: PooledEvaluation | None = None
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
         instructions = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         trained = aggregate_train_round(
-            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout),
-            config.max_update_ratio,
+            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout), config
         )
         if trained.arrays is not None:
             arrays = trained.arrays

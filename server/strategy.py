@@ -32,6 +32,9 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "krum": Krum,
 }
 
+# Strategies that take an optimiser step on the server (their BatchNorm statistics are averaged plainly).
+SERVER_OPTIMISERS = frozenset({"fedadam", "fedavgm"})
+
 # Server-side optimiser state that must survive a resume (FedOpt moments, FedAvgM momentum).
 STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 
-def update_problem(global_arrays: ArrayRecord, reply: RecordDict, max_update_ratio: float) -> str | None:
+def update_problem(
+    global_arrays: ArrayRecord, reply: RecordDict, max_update_ratio: float, variances: Collection[str] = ()
+) -> str | None:
     """Why this training reply must not be aggregated, or None when it is sound.
 
-    The norm bound is relative: ||client - global|| <= max_update_ratio * ||global||.
+    The norm bound is relative: ||client - global|| <= max_update_ratio * ||global||. Arrays named
+    in `variances` (BatchNorm running variances) must be positive everywhere.
     """
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
         return "expected exactly one ArrayRecord and one MetricRecord"
@@ -30,6 +35,8 @@ def update_problem(global_arrays: ArrayRecord, reply: RecordDict, max_update_rat
         values, reference = received.numpy(), expected.numpy()
         if not np.isfinite(values).all():
             return f"{name}: contains NaN or infinite values"
+        if name in variances and not (values > 0).all():
+            return f"{name}: a BatchNorm variance is not positive"
         delta_sq += float(np.sum((values.astype(np.float64) - reference) ** 2))
         reference_sq += float(np.sum(reference.astype(np.float64) ** 2))
     ratio = np.sqrt(delta_sq) / max(np.sqrt(reference_sq), 1e-12)

@@ -110,7 +110,7 @@ def test_random_rotation_angle_magnitude_is_within_10_to_45_degrees_with_both_si
 
 def test_random_rotation_matches_torchvision_rotate_with_the_sampled_angle() -> None:
     image = smooth_texture(1, 32, 32)
-    rotation = RandomRotation()
+    rotation = RandomRotation(fill=0.0)
     torch.manual_seed(3)
     angle = rotation.make_params([image])["angle"]
     torch.manual_seed(3)
@@ -124,7 +124,24 @@ def test_random_rotation_min_fill_uses_each_images_own_minimum() -> None:
     corners = out[:, 0, 0, 0]
     torch.testing.assert_close(corners, batch.amin(dim=(1, 2, 3)))
     assert (out.amin(dim=(1, 2, 3)) >= batch.amin(dim=(1, 2, 3)) - 1e-6).all()
-    assert RandomRotation((45.0, 45.0))(batch)[:, 0, 0, 0].eq(0).all()
+    assert RandomRotation((45.0, 45.0), fill=0.0)(batch)[:, 0, 0, 0].eq(0).all()
+
+
+def test_random_rotation_fills_corners_from_the_images_own_content_by_default() -> None:
+    batch = torch.stack([0.3 + 0.4 * smooth_texture(1, 32, 32, seed=1), 0.6 + 0.2 * smooth_texture(1, 32, 32, seed=2)])
+    plain = RandomRotation((45.0, 45.0), fill=0.0)
+    torch.manual_seed(5)
+    out = RandomRotation((45.0, 45.0))(batch)
+    torch.manual_seed(5)
+    zero_filled = plain(batch)
+    # No corner is a constant: every pixel lies within the images' own value range ...
+    assert (out.amin(dim=(1, 2, 3)) >= batch.amin(dim=(1, 2, 3)) - 1e-6).all()
+    assert (out.amax(dim=(1, 2, 3)) <= batch.amax(dim=(1, 2, 3)) + 1e-6).all()
+    assert out[:, 0, :4, :4].std(dim=(-2, -1)).gt(0).all()
+    # ... and inside the inscribed disc the result is the plain rotation.
+    ys, xs = torch.meshgrid(torch.arange(32) - 15.5, torch.arange(32) - 15.5, indexing="ij")
+    inner = (ys**2 + xs**2).sqrt() < 14
+    torch.testing.assert_close(out[..., inner], zero_filled[..., inner])
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 32), (2, 1, 32, 32)])

@@ -10,7 +10,7 @@ import torch
 from pneumofed.common.cli import main
 from pneumofed.common.data.prepare import file_sha256
 from pneumofed.common.data.site import load_site
-from pneumofed.common.data.store import RoiStore, StoreMismatch
+from pneumofed.common.data.store import RoiDataset, RoiStore, StoreMismatch
 from pneumofed.common.learning.evaluation import (
     evaluate_dicom_folder,
     evaluate_model_file,
@@ -186,3 +186,19 @@ def test_predict_refuses_a_non_dicom_file(model_file, tmp_path, capsys):
         predict(model_file, text)
     assert main(["predict", str(model_file), str(text), "--box", "0,0,40,40"]) == 2
     assert "not-dicom" in capsys.readouterr().err
+
+
+def test_calibrate_bn_scores_with_batchnorm_statistics_fitted_to_the_evaluated_rois(store, model_file):
+    from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
+
+    plain = evaluate_model_file(model_file, store, device="cpu", n_boot=BOOTSTRAP)
+    calibrated = evaluate_model_file(model_file, store, device="cpu", n_boot=BOOTSTRAP, calibrate_bn=True)
+    model, _ = load_model_file(model_file)
+    roi_store = RoiStore.open(store)
+    recalibrate_batchnorm(model, RoiDataset(roi_store), batch_size=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        reference = model(roi_store.images.float() / 255).double().softmax(dim=1).numpy()
+    expected = classification_report(roi_store.labels.numpy(), reference, list(roi_store.class_names))
+    assert calibrated["calibrated-bn"] and not plain["calibrated-bn"]
+    assert calibrated["accuracy"] == pytest.approx(expected.accuracy)
+    assert calibrated["eval-loss"] != pytest.approx(plain["eval-loss"])

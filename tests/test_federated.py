@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from sklearn.metrics import roc_auc_score
 
-from pneumofed.client.app import evaluate_locally, train_locally
+from pneumofed.client.app import count_classes, evaluate_locally, train_locally
 from pneumofed.common.data.site import load_site
 from pneumofed.common.federation.audit import array_digest, read_audit
 from pneumofed.common.federation.config import FederatedConfig
@@ -44,17 +44,27 @@ class InProcessGrid:
         self.node_configs = {100 + i: {"data-path": str(site), "site-name": site.name} for i, site in enumerate(sites)}
         self.tamper = tamper or {}
         self.replies: list[Message] = []
+        self.instructions: list[Message] = []
+        # Each node's Flower context.state, as its SuperNode keeps it between messages.
+        self.states = {node: RecordDict() for node in self.node_configs}
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        messages = list(messages)
+        self.instructions.extend(messages)
         for message in messages:
             node = message.metadata.dst_node_id
-            is_train = message.metadata.message_type == MessageType.TRAIN
-            handler = train_locally if is_train else evaluate_locally
-            content = handler(message.content["arrays"], message.content["config"], self.run_config, self.node_configs[node])
+            kind = message.metadata.message_type
+            is_train = kind == MessageType.TRAIN
+            if kind == MessageType.QUERY:
+                content = count_classes(self.run_config, self.node_configs[node])
+            else:
+                handler = train_locally if is_train else evaluate_locally
+                content = handler(message.content["arrays"], message.content["config"], self.run_config,
+                                  self.node_configs[node], self.states[node])
             if is_train and node in self.tamper:
                 content = self.tamper[node](content)
             replies.append(Message(content, reply_to=message))
@@ -109,6 +119,7 @@ def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sit
         ConfigRecord({"server-round": 1, "local-epochs": 10}),
         config_dict,
         {"data-path": str(synthetic_sites[0])},
+        RecordDict(),
     )
     arrays = trained["arrays"]
     instruction = ConfigRecord({"server-round": 1, "split": "val"})
@@ -185,7 +196,7 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
 
-    trained = aggregate_train_round(strategy, 1, global_arrays, replies, config.max_update_ratio)
+    trained = aggregate_train_round(strategy, 1, global_arrays, replies, config)
     aggregated = trained.arrays
 
     [rejection] = trained.rejected
@@ -208,7 +219,7 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_
     for order in (replies, replies[::-1]):
         strategy = build_strategy(config)
         list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
-        aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config.max_update_ratio).arrays)
+        aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config).arrays)
 
     for name, array in aggregates[0].items():
         np.testing.assert_array_equal(array.numpy(), aggregates[1][name].numpy())
@@ -233,6 +244,9 @@ def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metr
             }
             assert set(metrics) == METRIC_KEYS_TRAIN
             assert not content.config_records
+        elif reply.metadata.message_type == MessageType.QUERY:
+            assert not content.array_records and not content.config_records
+            assert set(metrics) == {"num-examples", "class-counts"}
         else:
             assert not content.array_records
             histogram_keys = set(metrics) - METRIC_KEYS_EVALUATE_FIXED
@@ -315,7 +329,8 @@ def test_a_site_whose_store_does_not_match_the_run_is_told_how_to_fix_it(synthet
     config_dict = run_config(tmp_path, **{"roi-size": 64})
     arrays = initial_arrays(FederatedConfig.from_run_config(config_dict))
     with pytest.raises(ValueError, match="pneumofed prepare"):
-        train_locally(arrays, ConfigRecord({"server-round": 1}), config_dict, {"data-path": str(synthetic_sites[0])})
+        train_locally(arrays, ConfigRecord({"server-round": 1}), config_dict, {"data-path": str(synthetic_sites[0])},
+                      RecordDict())
 
 
 def test_run_config_rejects_unknown_keys_and_relative_paths():

@@ -14,7 +14,7 @@ from torch.utils.data import Subset, TensorDataset
 from pneumofed.common.learning.training import (
     Evaluation,
     TrainConfig,
-    class_weights,
+    balanced_class_weights,
     dataset_labels,
     evaluate,
     select_device,
@@ -106,16 +106,16 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs_with_dropout
 def test_class_weights_match_sklearn_balanced():
     labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
-    np.testing.assert_allclose(class_weights(labels, 3).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(balanced_class_weights(labels, 3).numpy(), expected, rtol=1e-6)
 
 
 def test_class_weights_zero_for_absent_class_and_reject_bad_labels():
-    weights = class_weights([0, 0, 0, 2], 3)
+    weights = balanced_class_weights([0, 0, 0, 2], 3)
     np.testing.assert_allclose(weights.numpy(), [4 / 6, 0.0, 2.0], rtol=1e-6)
     with pytest.raises(ValueError, match="labels must lie in"):
-        class_weights([0, 3], 3)
+        balanced_class_weights([0, 3], 3)
     with pytest.raises(ValueError, match="at least one label"):
-        class_weights([], 3)
+        balanced_class_weights([], 3)
 
 
 def test_dataset_labels_reads_tensor_datasets_subsets_and_generic_datasets():
@@ -133,7 +133,7 @@ def test_first_epoch_loss_is_the_plain_or_class_weighted_cross_entropy(weighted)
     images, labels = data.tensors
     with torch.no_grad():  # one batch holding every example: BatchNorm sees the same statistics
         logits = copy.deepcopy(model).train()(images)
-    weight = class_weights(labels, 3) if weighted else None
+    weight = balanced_class_weights(labels, 3) if weighted else None
     expected = nn.functional.cross_entropy(logits, labels, weight=weight).item()
 
     history = train(model, data, quiet(epochs=1, batch_size=len(data), class_weighting=weighted))

@@ -49,13 +49,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of that split (the run's seed)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <model>.eval/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--calibrate-bn", action="store_true",
+                        help="fit BatchNorm statistics to these ROIs first (for a model trained with bn-mode fedbn)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.model.with_name(args.model.name + ".eval")
-    options = dict(out_dir=out, device=args.device, batch_size=args.batch_size, n_boot=args.bootstrap)
+    options = dict(out_dir=out, device=args.device, batch_size=args.batch_size, n_boot=args.bootstrap,
+                   calibrate_bn=args.calibrate_bn)
     try:
         if args.store is not None:
             if args.annotations is not None:

@@ -9,29 +9,43 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from pneumofed.common.federation.exchange import BatchNormMode
 from pneumofed.common.learning.models import MODEL_NAMES, build_model
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
 
 
+# Named sets of run-config values. `seed`: Dong et al. 2022 (Adam 1e-4, batch 16, 30 epochs), as
+# 15 rounds of 2 local epochs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {"learning-rate": 1e-4, "batch-size": 16, "num-server-rounds": 15, "local-epochs": 2},
+}
+
+
 class FederatedConfig(BaseModel):
-    """Typed view of `[tool.flwr.app.config]` plus `flwr run --run-config` overrides.
+    """Typed view of the run configuration (with `flwr run --run-config` overrides) and the one place
+    for its defaults: the generated Flower app's `[tool.flwr.app.config]` is written from them.
 
     Keys keep Flower's hyphenated spelling on the wire; attributes use underscores.
     """
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    num_server_rounds: int = Field(3, ge=1, alias="num-server-rounds")
-    local_epochs: int = Field(1, ge=1, alias="local-epochs")
+    num_server_rounds: int = Field(5, ge=1, alias="num-server-rounds")
+    local_epochs: int = Field(2, ge=1, alias="local-epochs")
     strategy: StrategyName = "fedavg"
     model: str = "shufflenet_v2_eca"
     class_names: str = Field("nodule,interstitial,emphysema", alias="class-names")
     roi_size: int = Field(64, ge=16, alias="roi-size")
     model_width: float = Field(1.0, alias="model-width")
     batch_size: int = Field(16, ge=1, alias="batch-size")
-    learning_rate: float = Field(1e-4, gt=0, alias="learning-rate")
-    class_weighting: bool = Field(False, alias="class-weighting")
+    learning_rate: float = Field(1e-3, gt=0, alias="learning-rate")
+    # Balanced class weights from the federation-wide class counts, the same at every site.
+    class_weighting: bool = Field(True, alias="class-weighting")
+    bn_mode: BatchNormMode = Field("shared", alias="bn-mode")
+    # Each site continues its own Adam moments from round to round (kept in its context.state, so a
+    # resumed run, which Flower gives a new context, starts them afresh). Off until measured.
+    keep_optimizer_state: bool = Field(False, alias="keep-optimizer-state")
     augment: bool = True
     fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train")
     fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate")

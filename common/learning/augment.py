@@ -19,6 +19,7 @@ The ops, in Table 4's order (the order ``build_augmentation`` composes them in):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
@@ -67,17 +68,21 @@ class _ImageTransform(v2.Transform):
 class RandomRotation(_ImageTransform):
     """Rotate by an angle whose magnitude is uniform in ``degrees`` and whose sign is random.
 
-    ``fill`` is the value of the corners uncovered by the rotation: a number in [0, 1], or ``"min"``
-    for each image's own minimum (per channel), which avoids black corners on windowed ROIs.
+    ``fill`` decides what the corners uncovered by the rotation show: ``"reflect"`` (default) the
+    image's own content, mirrored at its edges before rotating, so no corner is a constant value that
+    never occurs at evaluation (black is lucent lung in MONOCHROME2, an emphysema-like cue); a number
+    in [0, 1] that constant; ``"min"`` each image's own minimum (per channel).
     """
 
-    def __init__(self, degrees: tuple[float, float] = (10.0, 45.0), fill: float | Literal["min"] = 0.0) -> None:
+    def __init__(
+        self, degrees: tuple[float, float] = (10.0, 45.0), fill: float | Literal["reflect", "min"] = "reflect"
+    ) -> None:
         super().__init__()
         low, high = degrees
         if not 0.0 <= low <= high <= 180.0:
             raise ValueError(f"degrees must satisfy 0 <= low <= high <= 180, got {degrees}")
-        if fill != "min" and not 0.0 <= fill <= 1.0:
-            raise ValueError(f"fill must be in [0, 1] or 'min', got {fill!r}")
+        if fill not in ("reflect", "min") and not 0.0 <= fill <= 1.0:
+            raise ValueError(f"fill must be in [0, 1], 'reflect' or 'min', got {fill!r}")
         self.degrees = (float(low), float(high))
         self.fill = fill
 
@@ -89,7 +94,16 @@ class RandomRotation(_ImageTransform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         rotate = dict(angle=params["angle"], interpolation=v2.InterpolationMode.BILINEAR)
         plain = inpt.as_subclass(Tensor)
-        if self.fill == "min":
+        if self.fill == "reflect":
+            # A square of side s rotated by any angle stays inside the centred square of side s * sqrt(2):
+            # mirror-pad to that, rotate, and crop the centre back out.
+            height, width = plain.shape[-2:]
+            pad_y, pad_x = math.ceil(height * (math.sqrt(2) - 1) / 2), math.ceil(width * (math.sqrt(2) - 1) / 2)
+            padded = torch.nn.functional.pad(
+                plain.reshape(-1, 1, height, width), (pad_x, pad_x, pad_y, pad_y), mode="reflect"
+            ).reshape(*plain.shape[:-2], height + 2 * pad_y, width + 2 * pad_x)
+            rotated = F.rotate(padded, fill=0.0, **rotate)[..., pad_y : pad_y + height, pad_x : pad_x + width]
+        elif self.fill == "min":
             # Rotating (x - min) with zero fill and adding min back fills each image with its own minimum.
             minimum = plain.amin(dim=(-2, -1), keepdim=True)
             rotated = F.rotate(plain - minimum, fill=0.0, **rotate) + minimum
@@ -175,7 +189,7 @@ class _OpConfig(BaseModel):
 class RandomRotationConfig(_OpConfig):
     p: Probability = 0.5
     degrees: Range = (10.0, 45.0)
-    fill: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["min"] = 0.0
+    fill: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["reflect", "min"] = "reflect"
 
     @field_validator("degrees")
     @classmethod

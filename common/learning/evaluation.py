@@ -22,8 +22,9 @@ from pneumofed.common.data.prepare import prepare_site
 from pneumofed.common.data.site import load_site
 from pneumofed.common.data.store import RoiDataset, StoreRequirements, open_stores
 from pneumofed.common.files import write_json
+from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
 from pneumofed.common.learning.modelfile import ModelCard, load_model_file
-from pneumofed.common.learning.training import TrainConfig, evaluate
+from pneumofed.common.learning.training import TrainConfig, evaluate, select_device
 from pneumofed.common.metrics.intervals import bootstrap_auc_ci, bootstrap_macro_auc_ci
 from pneumofed.common.metrics.plots import plot_confusion, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, classification_report
@@ -99,8 +100,12 @@ def evaluate_model_file(
     n_boot: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     data_name: str | None = None,
+    calibrate_bn: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model file on a ROI store, whole or one of its parts.
+
+    ``calibrate_bn`` first fits the BatchNorm statistics to the evaluated ROIs (images only, no
+    labels): what a hospital does with a `fedbn` global model, whose BatchNorm stayed at the sites.
 
     ``part`` picks the patient-grouped 70/20/10 part of the store exactly as federated sites do
     (``load_site`` with ``split_seed``). Returns the JSON-able summary of ``summarise`` plus
@@ -121,12 +126,15 @@ def evaluate_model_file(
     if len(dataset) == 0:
         raise ValueError(f"the {part} part of {store} holds no ROIs")
 
+    if calibrate_bn:
+        recalibrate_batchnorm(model, dataset, batch_size, select_device(device))
     evaluation = evaluate(model, dataset, TrainConfig(device=device, batch_size=batch_size))
     metrics, report = summarise(
         evaluation.labels, evaluation.probs, card.class_names, loss=evaluation.loss, n_boot=n_boot, seed=seed
     )
     data_name = data_name or str(store)
-    summary = {"model": str(model_path), "card": card.model_dump(), "data": data_name, "part": part, **metrics}
+    summary = {"model": str(model_path), "card": card.model_dump(), "data": data_name, "part": part,
+               "calibrated-bn": calibrate_bn, **metrics}
     if out_dir is not None:
         title = f"{model_path.name} on {Path(data_name).name} ({part})"
         summary["outputs"] = write_summary(Path(out_dir), summary, report, title)

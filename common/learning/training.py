@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,11 +51,13 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class TrainHistory:
-    """Per-epoch mean training loss (data term only, without the proximal term) and accuracy."""
+    """Per-epoch mean training loss (data term only, without the proximal term) and accuracy, and
+    Adam's moments at the end (to continue from them next time: `train(..., optimizer_moments=...)`)."""
 
     num_examples: int
     loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    optimizer_moments: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def class_weights(labels: Sequence[int] | np.ndarray | Tensor, num_classes: int) -> Tensor:
+def balanced_class_weights(labels: Sequence[int] | np.ndarray | Tensor, num_classes: int) -> Tensor:
     """Inverse-frequency ("balanced") weights ``n / (n_present_classes * count_k)``.
 
     Equals ``sklearn.utils.class_weight.compute_class_weight("balanced", classes=np.unique(y), y=y)``
@@ -136,6 +138,8 @@ def train(
     *,
     augment: Callable[[Tensor], Tensor] | None = None,
     proximal_mu: float = 0.0,
+    class_weights: Sequence[float] | Tensor | None = None,
+    optimizer_moments: Mapping[str, Tensor] | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place with Adam and cross-entropy; returns per-epoch loss and accuracy.
@@ -143,6 +147,9 @@ def train(
     The global RNGs are re-seeded from ``config.seed`` so a call is reproducible on CPU (vary the
     seed per federated round to get fresh shuffles). ``proximal_mu > 0`` adds FedProx's
     ``mu/2 * ||w - w_start||^2`` with ``w_start`` the weights at the start of this call.
+    ``class_weights`` (one per class) weight the loss; without them ``config.class_weighting``
+    derives balanced weights from ``dataset``'s own labels. ``optimizer_moments`` (a previous
+    call's ``history.optimizer_moments``) continues Adam from where that call stopped.
     ``on_epoch_end(epoch, history)`` runs after each epoch; returning True stops training early.
     """
     if proximal_mu < 0:
@@ -157,7 +164,9 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     start_weights = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    train_labels = dataset_labels(dataset) if config.class_weighting else None
+    if optimizer_moments:
+        restore_moments(optimizer, optimizer_moments)
+    train_labels = dataset_labels(dataset) if config.class_weighting and class_weights is None else None
     criterion: nn.CrossEntropyLoss | None = None  # built at the first batch, when logits reveal K
 
     loader = DataLoader(
@@ -182,7 +191,10 @@ def train(
                     images = augment_batch(augment, images)
                 logits = model(images)
                 if criterion is None:
-                    weights = None if train_labels is None else class_weights(train_labels, logits.shape[1])
+                    weights = (
+                        torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None
+                        else None if train_labels is None else balanced_class_weights(train_labels, logits.shape[1])
+                    )
                     criterion = nn.CrossEntropyLoss(weight=weights).to(device)
                 loss = criterion(logits, targets)
                 objective = loss
@@ -201,7 +213,27 @@ def train(
             progress.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.4f}", acc=f"{history.accuracy[-1]:.3f}")
             if on_epoch_end is not None and on_epoch_end(epoch, history):
                 break
+    history.optimizer_moments = moments_of(optimizer)
     return history
+
+
+def moments_of(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimiser's per-parameter state as flat tensors `<parameter index>.<name>` (CPU copies)."""
+    return {
+        f"{index}.{name}": torch.as_tensor(value).detach().cpu().clone()
+        for index, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+    }
+
+
+def restore_moments(optimizer: torch.optim.Optimizer, moments: Mapping[str, Tensor]) -> None:
+    """Load `moments_of` output into a freshly built optimiser of the same parameters (its own
+    hyper-parameters, e.g. this round's learning rate, are kept)."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in moments.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = torch.as_tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 @torch.inference_mode()

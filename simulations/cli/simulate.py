@@ -12,11 +12,13 @@ import tomllib
 from pathlib import Path
 from typing import get_args
 
-from pneumofed.common.federation.config import StrategyName
+from pneumofed.common.federation.config import PRESETS, FederatedConfig, StrategyName
 from pneumofed.common.learning.models import MODEL_NAMES
 from pneumofed.simulations.flower import SimulationFailed, run_simulation
 from pneumofed.simulations.partition import prepare_natural_sites
 from pneumofed.simulations.sites import synthetic_sites
+
+DEFAULTS = FederatedConfig()
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -29,15 +31,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="where the synthetic hospitals (or --natural site stores) live (default: %(default)s)")
     parser.add_argument("--hospitals", type=int, default=3, help="number of synthetic hospitals (default: 3)")
     parser.add_argument("--rois", type=int, default=200, help="ROIs per synthetic hospital (default: 200)")
-    parser.add_argument("--roi-size", type=int, default=64, help="ROI edge in pixels (default: 64)")
-    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
-    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default: 2)")
-    parser.add_argument("--strategy", default="fedavg", choices=get_args(StrategyName),
-                        help="Flower strategy (default: %(default)s)")
-    parser.add_argument("--model", default="shufflenet_v2_eca", choices=MODEL_NAMES, help="(default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3,
-                        help="local Adam learning rate (default: %(default)s; the seed's 1e-4 needs ~30 epochs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--roi-size", type=int, default=DEFAULTS.roi_size,
+                        help="ROI edge in pixels (default: %(default)s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings, e.g. 'seed' (Dong et al.'s "
+                        "Adam 1e-4, batch 16, 30 epochs in total); explicit options override them")
+    parser.add_argument("--rounds", type=int, help=f"federated rounds (default: {DEFAULTS.num_server_rounds})")
+    parser.add_argument("--local-epochs", type=int, help=f"local epochs per round (default: {DEFAULTS.local_epochs})")
+    parser.add_argument("--strategy", choices=get_args(StrategyName), help=f"Flower strategy (default: {DEFAULTS.strategy})")
+    parser.add_argument("--model", choices=MODEL_NAMES, help=f"(default: {DEFAULTS.model})")
+    parser.add_argument("--learning-rate", type=float, help=f"local Adam learning rate (default: {DEFAULTS.learning_rate})")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<strategy>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last round")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -54,18 +57,22 @@ def run(args: argparse.Namespace) -> int:
         sites = prepare_natural_sites(*args.natural, args.data_dir.resolve(), roi_size=args.roi_size)
     else:
         sites = synthetic_sites(args.data_dir.resolve(), args.hospitals, args.rois, args.roi_size, args.seed)
-    run_dir = (args.run_dir or Path("runs") / f"{args.strategy}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    run_config = {
+    given = {
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
         "strategy": args.strategy,
         "model": args.model,
         "learning-rate": args.learning_rate,
-        "roi-size": args.roi_size,
-        "seed": args.seed,
-        "run-dir": str(run_dir),
-        "resume": args.resume,
-    } | dict(_parse_override(item) for item in args.overrides)
+    }
+    run_config = (
+        PRESETS.get(args.preset, {})
+        | {key: value for key, value in given.items() if value is not None}
+        | {"roi-size": args.roi_size, "seed": args.seed, "resume": args.resume}
+        | dict(_parse_override(item) for item in args.overrides)
+    )
+    strategy = run_config.get("strategy", DEFAULTS.strategy)
+    run_dir = (args.run_dir or Path("runs") / f"{strategy}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_config["run-dir"] = str(run_dir)
     try:
         run_simulation(sites, run_config)
     except SimulationFailed as error:
