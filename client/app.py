@@ -59,6 +59,12 @@ def _site_path(node_config: Mapping[str, Any], config: FederatedConfig) -> Path:
     raise ValueError("this node has no data: set node config `data-path` to its ROI store (absolute path)")
 
 
+def _site_data(node_config: Mapping[str, Any], config: FederatedConfig) -> SiteData:
+    """This node's ROI store, split by patient, checked against the run's ROI size and classes."""
+    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
+    return load_site(_site_path(node_config, config), config.seed, required)
+
+
 def _site_seed(run_seed: int, server_round: int, name: str) -> int:
     # Stable across processes (unlike hash()), so a resumed run retraces the same rounds.
     return (run_seed * 1_000_003 + server_round * 7_919 + zlib.crc32(name.encode())) % 2**31
@@ -70,8 +76,7 @@ def _global_model_at_site(
     """The run's settings, this site's data, and the received global model with the site's own
     BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use."""
     config = FederatedConfig.from_run_config(run_config)
-    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
-    site = load_site(_site_path(node_config, config), config.seed, required)
+    site = _site_data(node_config, config)
     model = config.build_model()
     local = state.array_records.get(LOCAL_BATCHNORM)
     load_exchanged_state(model, arrays.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
@@ -81,8 +86,7 @@ def _global_model_at_site(
 def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """This site's class counts in its training part, for federation-wide class weights."""
     config = FederatedConfig.from_run_config(run_config)
-    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
-    site = load_site(_site_path(node_config, config), config.seed, required)
+    site = _site_data(node_config, config)
     counts = torch.bincount(site.train.labels, minlength=len(config.classes)).tolist()
     return RecordDict({"metrics": MetricRecord({"num-examples": len(site.train), "class-counts": counts})})
 
