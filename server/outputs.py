@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord
 
 from pneumofed.common.federation.audit import append_run_audit
 from pneumofed.common.federation.config import FederatedConfig
-from pneumofed.common.federation.exchange import load_exchanged_state
+from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation
 from pneumofed.common.files import atomic_write, write_csv, write_json
 from pneumofed.common.learning.modelfile import ModelCard, save_model_file
@@ -144,7 +144,10 @@ class RunDirectory:
         if self.best_round is None:
             return None
         payload = torch.load(self.path / "models" / "best.pt", map_location="cpu", weights_only=True)
-        return ArrayRecord(payload["state"])
+        # The model file is a whole model; what travels is its exchanged part (no site's BatchNorm
+        # under fedbn/silobn).
+        exchanged = exchanged_state(self.config.build_model(), self.config.bn_mode)
+        return ArrayRecord({name: payload["state"][name] for name in exchanged})
 
     def write_final(self, evaluation: PooledEvaluation) -> None:
         summary = {"best-round": self.best_round, "split": "test", **evaluation.summary()}

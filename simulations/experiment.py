@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,6 +54,7 @@ from pneumofed.common.learning.models import MODEL_NAMES, build_model
 from pneumofed.common.learning.training import TrainConfig, evaluate, seed_everything
 from pneumofed.common.metrics.plots import plot_curves
 from pneumofed.simulations.flower import run_simulation
+from pneumofed.simulations.inprocess import run_in_process
 from pneumofed.simulations.partition import (
     PartitionConfig,
     partition_stores,
@@ -117,6 +119,20 @@ class FederatedArm(_Strict):
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
     run_config: dict[str, Any] = {}  # any other FederatedConfig key, hyphenated (e.g. "proximal-mu")
+    # More federated arms by name, each the run config of `run_config` plus its own keys, e.g.
+    # fedbn = { "bn-mode" = "fedbn" } (strategy fedavg unless it says otherwise).
+    variants: dict[str, dict[str, Any]] = {}
+    # "flower": a real Flower simulation (Ray) per arm; "in-process": the same ServerApp round loop and
+    # ClientApp handlers in this process (`simulations.inprocess`), without Ray's start-up per arm.
+    engine: Literal["flower", "in-process"] = "flower"
+
+    def arms(self) -> dict[str, dict[str, Any]]:
+        """Arm name -> its extra run config (the strategy arms first, then the variants)."""
+        named = {strategy: {"strategy": strategy} for strategy in self.strategies}
+        clash = sorted(set(named) & set(self.variants))
+        if clash:
+            raise ValueError(f"federated.variants may not reuse strategy names {clash}")
+        return named | self.variants
 
 
 class ExperimentConfig(_Strict):
@@ -127,6 +143,10 @@ class ExperimentConfig(_Strict):
     # slow small models down many times over (oversubscription); Ray workers get one CPU each.
     threads: int = Field(1, ge=1)
     model: str = "shufflenet_v2_eca"  # of the per-partition arms
+    model_width: float = 1.0  # ShuffleNet width multiplier of every arm
+    # Repeat everything (data, splits, initialisation, training) per seed into seed-<n>/, and
+    # summarise across seeds; unset: the one `seed`, written straight into the output folder.
+    seeds: list[int] | None = Field(None, min_length=1)
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     centralised: CentralisedArm | None = None
@@ -145,12 +165,14 @@ class ExperimentConfig(_Strict):
             if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
                 raise ValueError(f"partition name {name!r} must be letters, digits, '-', '_' or '.'")
         if self.federated:
-            reserved = {"sites", "run-dir", "strategy", "num-server-rounds", "local-epochs", "model", "seed"}
-            clash = sorted(reserved & set(self.federated.run_config))
-            if clash:
-                raise ValueError(f"federated.run_config may not set {clash}: the experiment sets them")
-            # Validate the extra keys now rather than minutes later inside the simulation.
-            FederatedConfig.model_validate({"model": self.model} | self.federated.run_config)
+            reserved = {"sites", "run-dir", "num-server-rounds", "local-epochs", "model", "model-width", "seed"}
+            for name, extra in {"run_config": self.federated.run_config, **self.federated.variants}.items():
+                clash = sorted((reserved | ({"strategy"} if name == "run_config" else set())) & set(extra))
+                if clash:
+                    raise ValueError(f"federated {name} may not set {clash}: the experiment sets them")
+                # Validate the extra keys now rather than minutes later inside the simulation.
+                FederatedConfig.model_validate({"model": self.model} | self.federated.run_config | extra)
+            self.federated.arms()
         return self
 
 
@@ -279,12 +301,13 @@ def _train_config(config: ExperimentConfig, seed: int) -> TrainConfig:
 
 
 def fit_best_epoch(
-    model_name: str, train_set: Dataset, val_set: Dataset, class_names: list[str], settings: TrainConfig, augment: bool
+    model_name: str, width: float, train_set: Dataset, val_set: Dataset, class_names: list[str], settings: TrainConfig,
+    augment: bool,
 ) -> tuple[Any, list[tuple[float, float | None]], int]:
     """A fresh seeded model trained to its best validation epoch (`train_keeping_best_epoch`).
     Returns (model, [(epoch, val macro AUC)], best epoch)."""
     seed_everything(settings.seed)
-    model = build_model(model_name, len(class_names))
+    model = build_model(model_name, len(class_names), width=width)
     history, best_epoch = train_keeping_best_epoch(
         model, train_set, val_set, class_names, settings, build_augmentation(DEFAULT_AUGMENTATION) if augment else None
     )
@@ -303,7 +326,7 @@ def centralised_cv_arm(config: ExperimentConfig, stores: list[Path], model_name:
     """The seed's protocol via `train_centralised` (k-fold); scores are its pooled out-of-fold predictions."""
     arm = config.centralised
     settings = CentralisedSettings(
-        out_dir=out, model=model_name, training=_train_config(config, config.seed),
+        out_dir=out, model=model_name, width=config.model_width, training=_train_config(config, config.seed),
         augmentation=DEFAULT_AUGMENTATION if config.training.augment else None,
         folds=arm.folds, expand=arm.expand, split_seed=config.seed, bootstrap=config.bootstrap,
     )
@@ -327,7 +350,7 @@ def centralised_cv_arm(config: ExperimentConfig, stores: list[Path], model_name:
 
 def pooled_arm(config: ExperimentConfig, sites: list[SiteData], test_set: Dataset, class_names: list[str], out: Path) -> ArmResult:
     settings = _train_config(config, config.seed)
-    model, curve, best = fit_best_epoch(config.model, ConcatDataset([s.train for s in sites]),
+    model, curve, best = fit_best_epoch(config.model, config.model_width, ConcatDataset([s.train for s in sites]),
                                         ConcatDataset([s.val for s in sites]), class_names, settings, config.training.augment)
     _save(out / "model.pt", model, config, class_names, {"trainer": "pooled", "epoch": best})
     summary = _scored(config, model, test_set, class_names, out, f"pooled, epoch {best}")
@@ -336,14 +359,14 @@ def pooled_arm(config: ExperimentConfig, sites: list[SiteData], test_set: Datase
 
 def local_arm(config: ExperimentConfig, site: SiteData, test_set: Dataset, class_names: list[str], out: Path) -> ArmResult:
     settings = _train_config(config, config.seed)
-    model, curve, best = fit_best_epoch(config.model, site.train, site.val, class_names, settings, config.training.augment)
+    model, curve, best = fit_best_epoch(config.model, config.model_width, site.train, site.val, class_names, settings, config.training.augment)
     _save(out / "model.pt", model, config, class_names, {"trainer": "local", "epoch": best})
     summary = _scored(config, model, test_set, class_names, out, f"{out.name}, epoch {best}")
     return ArmResult(out.name, out.parent.name, "local", config.model, summary, curve, 0.0, 0.0,
                      {"best-epoch": best, "train-rois": len(site.train)})
 
 
-def federated_arm(config: ExperimentConfig, strategy: str, site_paths: list[Path], test_set: Dataset,
+def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], test_set: Dataset,
                   class_names: list[str], out: Path) -> ArmResult:
     arm = config.federated
     run_dir = out / "run"
@@ -351,29 +374,34 @@ def federated_arm(config: ExperimentConfig, strategy: str, site_paths: list[Path
         shutil.rmtree(run_dir)
     t = config.training
     run_config = {
-        "num-server-rounds": arm.rounds, "local-epochs": arm.local_epochs, "strategy": strategy,
-        "model": config.model, "class-names": ",".join(class_names), "roi-size": config.data.roi_size,
-        "learning-rate": t.learning_rate, "batch-size": t.batch_size, "class-weighting": t.class_weighting,
-        "augment": t.augment, "seed": config.seed, "run-dir": str(run_dir.resolve()),
-    } | arm.run_config
+        "num-server-rounds": arm.rounds, "local-epochs": arm.local_epochs,
+        "model": config.model, "model-width": config.model_width, "class-names": ",".join(class_names),
+        "roi-size": config.data.roi_size, "learning-rate": t.learning_rate, "batch-size": t.batch_size,
+        "class-weighting": t.class_weighting, "augment": t.augment, "seed": config.seed,
+        "run-dir": str(run_dir.resolve()),
+    } | arm.run_config | arm.arms()[name]
     FederatedConfig.from_run_config(run_config | {"sites": ",".join(map(str, site_paths))})
-    run_simulation(site_paths, run_config, cpus_per_client=1)  # Flower wants a whole number of CPUs
+    if arm.engine == "in-process":
+        run_in_process(site_paths, run_config)
+    else:
+        run_simulation(site_paths, run_config, cpus_per_client=1)  # Flower wants a whole number of CPUs
     final = json.loads((run_dir / "final.json").read_text())
     rounds = json.loads((run_dir / "metrics.json").read_text())
     model, _ = load_model_file(run_dir / "models" / "best.pt")
-    summary = _scored(config, model, test_set, class_names, out, f"{strategy}, round {final['best-round']}")
+    summary = _scored(config, model, test_set, class_names, out, f"{name}, round {final['best-round']}")
     # The federated final evaluation pooled the same test parts site by site: counts must agree.
     agrees = summary["confusion_matrix"] == final["confusion_matrix"]
     if not agrees:
         print(f"[experiment] warning: {run_dir}: central re-evaluation of best.pt differs from final.json", flush=True)
     curve = [(r["round"] * arm.local_epochs, r.get("macro_auc")) for r in rounds]
-    return ArmResult(strategy, out.parent.name, "federated", config.model, summary, curve, 0.0, 0.0,
+    return ArmResult(name, out.parent.name, "federated", config.model, summary, curve, 0.0, 0.0,
                      {"best-round": final["best-round"], "agrees-with-final-json": agrees,
                       "federated-macro-auc": final["macro_auc"]})
 
 
 def _save(path: Path, model, config: ExperimentConfig, class_names: list[str], provenance: dict[str, Any]) -> None:
-    card = ModelCard(model=config.model, class_names=class_names, roi_size=config.data.roi_size, provenance=provenance)
+    card = ModelCard(model=config.model, width=config.model_width, class_names=class_names,
+                     roi_size=config.data.roi_size, provenance=provenance)
     save_model_file(path, model, card)
 
 
@@ -393,7 +421,29 @@ def natural_sites(config: ExperimentConfig, data_dir: Path) -> list[Path]:
     return stores
 
 
-def run_experiment(config: ExperimentConfig, out: Path) -> list[ArmResult]:
+def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
+    """A subset of seeds to run must be among the config's `seeds`."""
+    if seeds and config.seeds is None:
+        raise ValueError("--seeds needs `seeds = [...]` in the experiment config")
+    unknown = sorted(set(seeds or []) - set(config.seeds or []))
+    if unknown:
+        raise ValueError(f"seeds {unknown} are not among the config's seeds {config.seeds}")
+
+
+def run_experiment(config: ExperimentConfig, out: Path, seeds: list[int] | None = None) -> list[ArmResult]:
+    """Every arm of `config` into `out`; with `config.seeds`, once per seed (or the `seeds` subset,
+    so that seeds can run in parallel processes) into `out/seed-<n>/`, then `summarise_seeds`."""
+    check_seeds(config, seeds)
+    if config.seeds is None:
+        return _run_one_seed(config, out)
+    results = []
+    for seed in seeds or config.seeds:
+        results += _run_one_seed(config.model_copy(update={"seed": seed, "seeds": None}), out / f"seed-{seed}")
+    summarise_seeds(config, out)
+    return results
+
+
+def _run_one_seed(config: ExperimentConfig, out: Path) -> list[ArmResult]:
     out = out.resolve()
     torch.set_num_threads(config.threads)
     sources = natural_sites(config, out / "data")
@@ -417,10 +467,10 @@ def run_experiment(config: ExperimentConfig, out: Path) -> list[ArmResult]:
             results.append(_run_arm(group / "pooled", {"arm": "pooled", **base},
                                     lambda: pooled_arm(config, sites, test_set, class_names, group / "pooled")))
         if config.federated is not None:
-            for strategy in config.federated.strategies:
-                arm_dir = group / f"federated-{strategy}"
-                settings = {"arm": "federated", "strategy": strategy, "federated": config.federated.model_dump(), **base}
-                results.append(_run_arm(arm_dir, settings, lambda s=strategy, d=arm_dir: federated_arm(
+            for arm_name in config.federated.arms():
+                arm_dir = group / f"federated-{arm_name}"
+                settings = {"arm": "federated", "strategy": arm_name, "federated": config.federated.model_dump(), **base}
+                results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir: federated_arm(
                     config, s, site_paths, test_set, class_names, d)))
         if config.local:
             for site, path in zip(sites, site_paths, strict=True):
@@ -433,12 +483,85 @@ def run_experiment(config: ExperimentConfig, out: Path) -> list[ArmResult]:
 
 
 def _common_settings(config: ExperimentConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "bootstrap": config.bootstrap, "model": config.model,
+    return {"seed": config.seed, "bootstrap": config.bootstrap, "model": config.model, "width": config.model_width,
             "data": config.data.model_dump(), "training": config.training.model_dump(),
             "centralised": None if config.centralised is None else config.centralised.model_dump()}
 
 
 # ------------------------------------------------------------------------------ tables and curves
+
+
+def _mean_sd_ci(values: list[float]) -> tuple[float, float | None, tuple[float, float] | None]:
+    """Mean, sample sd and the t-based 95 % CI of the mean (None with fewer than two values)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, None, None
+    sd = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * sd / np.sqrt(len(values))
+    return mean, sd, (mean - half, mean + half)
+
+
+def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
+    """Across the seeds finished so far: per arm, macro AUC and macro recall as mean +- sd with the 95 %
+    CI of the mean, and the arm's macro AUC minus the pooled arm's of the same seed (paired: same data,
+    same test ROIs) with its CI. Writes summary.md and summary.csv; returns the rows."""
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in config.seeds or []:
+        path = out / f"seed-{seed}" / "results.json"
+        if path.is_file():
+            per_seed[seed] = json.loads(path.read_text())["arms"]
+    arms: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for seed, results in per_seed.items():
+        for arm in results:
+            arms.setdefault((arm["group"], arm["kind"], arm["name"]), {})[seed] = arm["summary"]
+    rows = []
+    for (group, kind, name), by_seed in arms.items():
+        pooled = arms.get((group, "pooled", "pooled"), {})
+        auc = _mean_sd_ci([s["macro_auc"] for s in by_seed.values()])
+        recall = _mean_sd_ci([s["macro_recall"] for s in by_seed.values()])
+        paired = [by_seed[seed]["macro_auc"] - pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
+        difference = _mean_sd_ci(paired) if paired and kind != "pooled" else None
+        ratio = [by_seed[seed]["macro_auc"] / pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
+        rows.append({
+            "group": group, "arm": kind, "name": name, "seeds": len(by_seed),
+            "test-rois": int(np.mean([s["num-examples"] for s in by_seed.values()])),
+            "macro auc mean": auc[0], "macro auc sd": auc[1],
+            "macro auc ci-low": None if auc[2] is None else auc[2][0],
+            "macro auc ci-high": None if auc[2] is None else auc[2][1],
+            "macro recall mean": recall[0], "macro recall sd": recall[1],
+            "auc / pooled": float(np.mean(ratio)) if ratio else None,
+            "auc - pooled": None if difference is None else difference[0],
+            "auc - pooled ci-low": None if difference is None or difference[2] is None else difference[2][0],
+            "auc - pooled ci-high": None if difference is None or difference[2] is None else difference[2][1],
+        })
+    if not rows:
+        return rows
+    write_csv(out / "summary.csv", rows)
+
+    def cell(mean: float | None, sd: float | None) -> str:
+        return "–" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+    def interval(low: float | None, high: float | None) -> str:
+        return "–" if low is None else f"[{low:.3f}, {high:.3f}]"
+
+    lines = [f"# Experiment `{config.name}`: {len(per_seed)} seed(s) ({', '.join(map(str, per_seed))})", "",
+             "Per arm over seeds: mean ± sd, and the t-based 95 % CI of the mean. 'AUC − pooled' is paired by seed "
+             "(the same data and test ROIs); a CI that contains 0 resolves no difference.", ""]
+    for group in dict.fromkeys(row["group"] for row in rows):
+        lines += [f"## `{group}`", "", "| arm | name | seeds | test ROIs | macro AUC | 95 % CI | macro recall | "
+                  "AUC / pooled | AUC − pooled [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in (r for r in rows if r["group"] == group):
+            ratio = "–" if row["auc / pooled"] is None else f"{row['auc / pooled']:.3f}"
+            difference = "–" if row["auc - pooled"] is None else (
+                f"{row['auc - pooled']:+.3f} {interval(row['auc - pooled ci-low'], row['auc - pooled ci-high'])}")
+            lines.append(f"| {row['arm']} | {row['name']} | {row['seeds']} | {row['test-rois']} | "
+                         f"{cell(row['macro auc mean'], row['macro auc sd'])} | "
+                         f"{interval(row['macro auc ci-low'], row['macro auc ci-high'])} | "
+                         f"{cell(row['macro recall mean'], row['macro recall sd'])} | {ratio} | {difference} |")
+        lines.append("")
+    atomic_write(out / "summary.md", "\n".join(lines))
+    return rows
+
 
 
 def table_rows(results: list[ArmResult]) -> list[dict[str, Any]]:

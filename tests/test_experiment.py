@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -139,3 +140,50 @@ scheme = "natural"
     started = time.perf_counter()
     assert run(parser.parse_args([str(config), "--out", str(out)])) == 0
     assert time.perf_counter() - started < 30
+
+
+def test_seeds_in_process_variants_and_the_paired_summary_across_seeds(synthetic_sites, tmp_path):
+    stores = ", ".join(f'"{s}"' for s in synthetic_sites[:2])
+    config = _write(tmp_path / "seeds.toml", f"""
+name = "seeds"
+bootstrap = 50
+model_width = 0.5
+seeds = [3, 4]
+local = false
+[data]
+kind = "stores"
+roi_size = 32
+stores = [{stores}]
+[training]
+epochs = 2
+augment = false
+[federated]
+strategies = ["fedavg"]
+rounds = 2
+engine = "in-process"
+variants = {{ fedbn = {{ "bn-mode" = "fedbn" }} }}
+[partitions.natural]
+scheme = "natural"
+""")
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    out = tmp_path / "out"
+    assert run(parser.parse_args([str(config), "--out", str(out), "--seeds", "3"])) == 0
+    assert run(parser.parse_args([str(config), "--out", str(out), "--seeds", "4"])) == 0
+    assert run(parser.parse_args([str(config), "--out", str(out), "--seeds", "5"])) == 2
+
+    with (out / "summary.csv").open() as handle:
+        rows = {row["name"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"pooled", "fedavg", "fedbn"} and all(row["seeds"] == "2" for row in rows.values())
+    per_seed = {seed: {a["name"]: a["summary"]["macro_auc"] for a in json.loads(
+        (out / f"seed-{seed}" / "results.json").read_text())["arms"]} for seed in (3, 4)}
+    fedbn = [per_seed[s]["fedbn"] for s in (3, 4)]
+    assert float(rows["fedbn"]["macro auc mean"]) == pytest.approx(np.mean(fedbn))
+    assert float(rows["fedbn"]["macro auc sd"]) == pytest.approx(np.std(fedbn, ddof=1))
+    difference = [per_seed[s]["fedbn"] - per_seed[s]["pooled"] for s in (3, 4)]
+    assert float(rows["fedbn"]["auc - pooled"]) == pytest.approx(np.mean(difference))
+    assert float(rows["fedbn"]["auc - pooled ci-low"]) <= np.mean(difference) <= float(rows["fedbn"]["auc - pooled ci-high"])
+    assert per_seed[3] != per_seed[4], "the seeds trained the same models"
+    fedbn_run = json.loads((out / "seed-3" / "natural" / "federated-fedbn" / "run" / "config.json").read_text())
+    assert fedbn_run["bn-mode"] == "fedbn" and fedbn_run["strategy"] == "fedavg"
+    assert "| federated | fedbn | 2 |" in (out / "summary.md").read_text()

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from sklearn.metrics import roc_auc_score
 
-from pneumofed.client.app import count_classes, evaluate_locally, train_locally
+from pneumofed.client.app import train_locally
 from pneumofed.common.data.site import load_site
 from pneumofed.common.federation.audit import array_digest, read_audit
 from pneumofed.common.federation.config import FederatedConfig
@@ -31,43 +31,33 @@ from pneumofed.server.rounds import (
     run_federation,
 )
 from pneumofed.server.strategy import STRATEGIES, build_strategy
+from pneumofed.simulations.inprocess import InProcessGrid
 
 CLASSES = ["nodule", "interstitial", "emphysema"]
 SMALL_RUN = {"model-width": 0.5, "roi-size": 32, "local-epochs": 1, "batch-size": 16, "learning-rate": 1e-3}
 
 
-class InProcessGrid:
-    """Delivers each message straight to the ClientApp's handler functions for that node."""
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every instruction and reply, optionally tampering with a node's
+    training replies on their way to the server."""
 
     def __init__(self, sites: list[Path], run_config: dict, tamper: dict[int, Callable[[RecordDict], RecordDict]] | None = None):
-        self.run_config = run_config
-        self.node_configs = {100 + i: {"data-path": str(site), "site-name": site.name} for i, site in enumerate(sites)}
+        super().__init__(sites, run_config)
         self.tamper = tamper or {}
-        self.replies: list[Message] = []
         self.instructions: list[Message] = []
-        # Each node's Flower context.state, as its SuperNode keeps it between messages.
-        self.states = {node: RecordDict() for node in self.node_configs}
+        self.replies: list[Message] = []
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_configs)
+    def handle(self, message: Message) -> RecordDict:
+        content = super().handle(message)
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MessageType.TRAIN and node in self.tamper:
+            content = self.tamper[node](content)
+        return content
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
         messages = list(messages)
         self.instructions.extend(messages)
-        for message in messages:
-            node = message.metadata.dst_node_id
-            kind = message.metadata.message_type
-            is_train = kind == MessageType.TRAIN
-            if kind == MessageType.QUERY:
-                content = count_classes(self.run_config, self.node_configs[node])
-            else:
-                handler = train_locally if is_train else evaluate_locally
-                content = handler(message.content["arrays"], message.content["config"], self.run_config,
-                                  self.node_configs[node], self.states[node])
-            if is_train and node in self.tamper:
-                content = self.tamper[node](content)
-            replies.append(Message(content, reply_to=message))
+        replies = super().send_and_receive(messages, timeout=timeout)
         self.replies.extend(replies)
         return replies
 
@@ -76,9 +66,9 @@ def run_config(tmp_path: Path, **overrides) -> dict:
     return FederatedConfig.model_validate(SMALL_RUN | {"run-dir": str(tmp_path / "run")} | overrides).to_run_config()
 
 
-def federate(sites, config_dict, tamper=None) -> tuple[RunDirectory, InProcessGrid]:
+def federate(sites, config_dict, tamper=None) -> tuple[RunDirectory, RecordingGrid]:
     config = FederatedConfig.from_run_config(config_dict)
-    grid = InProcessGrid(sites, config_dict, tamper)
+    grid = RecordingGrid(sites, config_dict, tamper)
     run = RunDirectory.open(config, flower_run_id=1)
     run_federation(grid, config, run)
     return run, grid
@@ -123,7 +113,7 @@ def test_pooled_and_per_site_auc_equal_sklearn_on_the_sites_scores(synthetic_sit
     )
     arrays = trained["arrays"]
     instruction = ConfigRecord({"server-round": 1, "split": "val"})
-    grid = InProcessGrid(synthetic_sites, config_dict)
+    grid = RecordingGrid(synthetic_sites, config_dict)
     replies = grid.send_and_receive(
         [Message(RecordDict({"arrays": arrays, "config": instruction}), node, MessageType.EVALUATE) for node in grid.get_node_ids()]
     )
@@ -191,7 +181,7 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
 ):
     config_dict = run_config(tmp_path)
     config = FederatedConfig.from_run_config(config_dict)
-    grid = InProcessGrid(synthetic_sites, config_dict, tamper={100: tamper})
+    grid = RecordingGrid(synthetic_sites, config_dict, tamper={100: tamper})
     strategy = build_strategy(config)
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
@@ -211,7 +201,7 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
 def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_sites, tmp_path, flower_identity):
     config_dict = run_config(tmp_path, strategy="fedadam")
     config = FederatedConfig.from_run_config(config_dict)
-    grid = InProcessGrid(synthetic_sites, config_dict)
+    grid = RecordingGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(build_strategy(config).configure_train(1, global_arrays, ConfigRecord(), grid))
 
@@ -312,7 +302,7 @@ def test_every_strategy_is_flowers_own_and_aggregates_a_round(name, synthetic_si
     config = FederatedConfig.from_run_config(config_dict)
     strategy = build_strategy(config)
     assert isinstance(strategy, STRATEGIES[name])
-    grid = InProcessGrid(synthetic_sites, config_dict)
+    grid = RecordingGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
     messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({"local-epochs": 1}), grid))
     if name == "fedprox":

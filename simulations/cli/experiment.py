@@ -10,12 +10,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pneumofed.simulations.experiment import load_config, run_experiment
+from pneumofed.simulations.experiment import check_seeds, load_config, run_experiment
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="experiment TOML (see simulations/configs/)")
     parser.add_argument("--out", type=Path, help="results folder (default: results/<name>)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                        help="run only these of the config's seeds (e.g. one per process, in parallel)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or Path("results") / config.name
     started = time.perf_counter()
-    run_experiment(config, out)
+    try:
+        check_seeds(config, args.seeds)
+    except ValueError as error:
+        print(f"pneumofed experiment: {error}", file=sys.stderr)
+        return 2
+    run_experiment(config, out, args.seeds)
     print(f"results in {out.resolve()} (results.md, results.csv; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -1,0 +1,72 @@
+"""A federation in one process: the real ServerApp round loop and ClientApp handlers, no Ray, no SuperLink.
+
+Flower's simulation engine starts Ray and a local SuperLink (about 20 s) and runs every message in
+a worker; for sweeps of many small arms that start-up costs more than the training. This grid hands
+each message straight to the ClientApp handler that Flower would call for it, with one
+`context.state` per node kept between messages as a SuperNode keeps it, so the arithmetic is
+the same as in a Flower run (`tests/test_simulation.py` runs the same apps on Flower itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from pneumofed.client.app import count_classes, evaluate_locally, train_locally
+from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.server.outputs import RunDirectory
+from pneumofed.server.rounds import run_federation
+
+FIRST_NODE_ID = 100
+
+
+class InProcessGrid:
+    """Delivers each message to the ClientApp handler of its node, in order; node ids from 100."""
+
+    def __init__(self, sites: Sequence[Path], run_config: Mapping[str, Any]) -> None:
+        self.run_config = dict(run_config)
+        self.node_configs = {
+            FIRST_NODE_ID + i: {"data-path": str(site), "site-name": Path(site).name} for i, site in enumerate(sites)
+        }
+        # Each node's Flower context.state, as its SuperNode keeps it between messages.
+        self.states = {node: RecordDict() for node in self.node_configs}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def handle(self, message: Message) -> RecordDict:
+        node = message.metadata.dst_node_id
+        kind = message.metadata.message_type
+        if kind == MessageType.QUERY:
+            return count_classes(self.run_config, self.node_configs[node])
+        handler = train_locally if kind == MessageType.TRAIN else evaluate_locally
+        return handler(message.content["arrays"], message.content["config"], self.run_config,
+                       self.node_configs[node], self.states[node])
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return [Message(self.handle(message), reply_to=message) for message in messages]
+
+
+@contextmanager
+def task_identity(run_id: int = 0) -> Iterator[None]:
+    """Flower builds a Message only inside a task (a SuperLink sets who is sending); play one here."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def run_in_process(sites: Sequence[Path], run_config: Mapping[str, Any]) -> RunDirectory:
+    """One federated run of `run_config` over the site stores `sites`; returns its run directory."""
+    config = FederatedConfig.from_run_config(run_config)
+    with task_identity():
+        run = RunDirectory.open(config, flower_run_id=0)
+        run_federation(InProcessGrid(sites, run_config), config, run)
+    return run
