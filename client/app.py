@@ -40,6 +40,7 @@ app = ClientApp()
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
 LOCAL_BATCHNORM = "local-batchnorm"
 OPTIMIZER_MOMENTS = "optimizer-moments"
+DEFAULT_EVALUATION_SPLITS = "val,test"
 
 
 def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
@@ -63,6 +64,16 @@ def _site_data(node_config: Mapping[str, Any], config: FederatedConfig) -> SiteD
     """This node's ROI store, split by patient, checked against the run's ROI size and classes."""
     required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
     return load_site(_site_path(node_config, config), config.seed, required)
+
+
+def evaluation_splits(node_config: Mapping[str, Any]) -> set[str]:
+    """The parts of its data a site lets the server score models on: the hospital decides (node
+    config `evaluate-splits`), never the training part, which would let a coordinator probe what a
+    model memorised of it."""
+    allowed = {part.strip() for part in str(node_config.get("evaluate-splits", DEFAULT_EVALUATION_SPLITS)).split(",")}
+    if "train" in allowed or not allowed <= {"val", "test"}:
+        raise ValueError(f"evaluate-splits may name val and test only, got {sorted(allowed)}")
+    return allowed
 
 
 def _site_seed(run_seed: int, server_round: int, name: str) -> int:
@@ -145,8 +156,14 @@ def evaluate_locally(
 ) -> RecordDict:
     """Evaluate the global `arrays` (with the site's own BatchNorm part) on this site's validation
     (or, when asked, test) part."""
+    split = str(instruction.get("split", "val"))
+    allowed = evaluation_splits(node_config)
+    if split not in allowed:
+        raise PermissionError(
+            f"this site evaluates only its {', '.join(sorted(allowed))} part(s), not {split!r} (node config evaluate-splits)"
+        )
     config, site, model = _global_model_at_site(arrays, run_config, node_config, state)
-    data = site.part(str(instruction.get("split", "val")))
+    data = site.part(split)
     result = training.evaluate(
         model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)
     )

@@ -29,6 +29,7 @@ from pneumofed.common.federation.exchange import exchanged_state, load_exchanged
 from pneumofed.common.federation.pooling import PooledEvaluation
 from pneumofed.common.files import atomic_write, write_csv, write_json
 from pneumofed.common.learning.modelfile import ModelCard, save_model_file
+from pneumofed.common.learning.state import load_tensor_file
 from pneumofed.common.metrics.plots import plot_confusion, plot_curves, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, selection_key
 
@@ -73,7 +74,7 @@ class RunDirectory:
         append_run_audit(self.path / "audit.jsonl", run_id=self.flower_run_id, event=event, **fields)
 
     def _restore(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_tensor_file(checkpoint)
         saved = FederatedConfig.model_validate(state["config"])
         changed = {
             name
@@ -143,7 +144,7 @@ class RunDirectory:
     def best_arrays(self) -> ArrayRecord | None:
         if self.best_round is None:
             return None
-        payload = torch.load(self.path / "models" / "best.pt", map_location="cpu", weights_only=True)
+        payload = load_tensor_file(self.path / "models" / "best.pt")
         # The model file is a whole model; what travels is its exchanged part (no site's BatchNorm
         # under fedbn/silobn).
         exchanged = exchanged_state(self.config.build_model(), self.config.bn_mode)

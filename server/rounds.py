@@ -10,7 +10,7 @@ with the best pooled validation score is evaluated once on the sites' test parts
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluatio
 from pneumofed.common.learning.batchnorm import batchnorm_names
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.strategy import SERVER_OPTIMISERS, build_strategy, optimiser_state, restore_optimiser_state
-from pneumofed.server.validation import update_problem
+from pneumofed.server.validation import evaluation_problem, outlying_norms, update_norm, update_problem
 
 log = logging.getLogger("pneumofed.server")
 
@@ -48,14 +48,61 @@ def initial_arrays(config: FederatedConfig) -> ArrayRecord:
     return ArrayRecord(exchanged_state(config.build_model(), config.bn_mode))
 
 
+@dataclass(frozen=True)
+class SiteDeclaration:
+    """What a site says of its training part when it joins a run: its size and class counts."""
+
+    num_examples: int
+    class_counts: tuple[int, ...]
+
+
+def collect_declarations(grid: Grid, nodes: Iterable[int], config: FederatedConfig) -> dict[int, SiteDeclaration]:
+    """Ask `nodes` (a Flower QUERY) for their declarations; a node that answers unusably is left out
+    (its training replies are then refused)."""
+    query = RecordDict({"config": ConfigRecord({"query": "class-counts", "server-round": 0})})
+    messages = [Message(query, node_id, MessageType.QUERY) for node_id in nodes]
+    declarations = {}
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout) if messages else []:
+        node = reply.metadata.src_node_id
+        metrics = None if reply.has_error() else next(iter(reply.content.metric_records.values()), None)
+        counts = None if metrics is None else metrics.get("class-counts")
+        size = None if metrics is None else metrics.get("num-examples")
+        if (not isinstance(counts, list) or len(counts) != len(config.classes)
+                or any(type(c) is not int or c < 0 for c in counts) or size != sum(counts) or size <= 0):
+            log.warning("node %s sent no usable declaration of its data; its updates will be refused", node)
+            continue
+        declarations[node] = SiteDeclaration(size, tuple(counts))
+    return declarations
+
+
+def federation_class_weights(declarations: Mapping[int, SiteDeclaration], num_classes: int) -> list[float]:
+    """Balanced weights n / (K * n_k) from the class counts of every site's training part, so that
+    all sites minimise one and the same weighted loss (a class absent everywhere gets weight 0)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for declaration in declarations.values():
+        counts += np.asarray(declaration.class_counts, dtype=np.int64)
+    if counts.sum() == 0:
+        raise RuntimeError("no site declared its class counts: cannot weight the classes (set class-weighting=false)")
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    log.info("federation-wide class counts %s -> class weights %s", counts.tolist(), np.round(weights, 4).tolist())
+    return [float(w) for w in weights]
+
+
 def aggregate_train_round(
     strategy: FedAvg,
     server_round: int,
     global_arrays: ArrayRecord,
     replies: Iterable[Message],
     config: FederatedConfig,
+    declarations: Mapping[int, SiteDeclaration],
 ) -> TrainRound:
     """Validate every reply, then let the strategy aggregate the accepted ones.
+
+    Beyond `update_problem`, a reply from a node that declared no data is refused, and with three
+    or more sound updates one more than `max-update-median-ratio` times the round's median update
+    norm is refused (honest updates of one round are of one order of magnitude).
 
     A server optimiser (FedAdam, FedAvgM) steps only the trained parameters: BatchNorm running
     statistics are averaged plainly, as no optimiser step means anything for them (a momentum
@@ -63,17 +110,32 @@ def aggregate_train_round(
     """
     statistics = batchnorm_names(config.build_model()).statistics & set(global_arrays.keys())
     variances = {name for name in statistics if name.endswith("running_var")}
-    accepted, rejected = [], []
+    sound, problems = [], {}
     # Replies arrive in network order; aggregating them in node order makes the aggregate (and a
     # resumed run) reproducible to the last bit.
     for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
-        problem = None if reply.has_error() else update_problem(
-            global_arrays, reply.content, config.max_update_ratio, variances
-        )
-        if problem is None:
-            accepted.append(reply)
-            continue
         node = reply.metadata.src_node_id
+        if reply.has_error():
+            sound.append(reply)  # Flower's aggregate_train counts and logs failures itself
+        elif node not in declarations:
+            problems[node] = "the node declared no training data when it joined the run"
+        else:
+            problem = update_problem(global_arrays, reply.content, config.max_update_ratio, variances,
+                                     declarations[node].num_examples)
+            if problem is None:
+                sound.append(reply)
+            else:
+                problems[node] = problem
+    # Trained parameters only: BatchNorm statistics move by recalibration, not by optimiser steps,
+    # and would dominate (and hide) the size of the step itself.
+    norms = {
+        reply.metadata.src_node_id: update_norm(global_arrays, next(iter(reply.content.array_records.values())), statistics)
+        for reply in sound if not reply.has_error()
+    }
+    problems |= outlying_norms(norms, config.max_update_median_ratio)
+    accepted = [reply for reply in sound if reply.metadata.src_node_id not in problems]
+    rejected = []
+    for node, problem in sorted(problems.items()):
         log.warning("round %d: dropping update from node %s: %s", server_round, node, problem)
         rejected.append({"node": node, "reason": problem})
     arrays, metrics = strategy.aggregate_train(server_round, accepted)
@@ -100,34 +162,24 @@ def _in_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
     )
 
 
-def federation_class_weights(grid: Grid, config: FederatedConfig) -> list[float]:
-    """Balanced weights n / (K * n_k) from the class counts of every site's training part, so that
-    all sites minimise one and the same weighted loss (a class absent everywhere gets weight 0)."""
-    query = RecordDict({"config": ConfigRecord({"query": "class-counts", "server-round": 0})})
-    messages = [Message(query, node_id, MessageType.QUERY) for node_id in grid.get_node_ids()]
-    counts = np.zeros(len(config.classes), dtype=np.int64)
-    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
-        site_counts = None if reply.has_error() else reply.content["metrics"].get("class-counts")
-        if not isinstance(site_counts, list) or len(site_counts) != len(config.classes) or min(site_counts) < 0:
-            log.warning("node %s sent no usable class counts; weights use the other sites", reply.metadata.src_node_id)
-            continue
-        counts += np.asarray(site_counts, dtype=np.int64)
-    if counts.sum() == 0:
-        raise RuntimeError("no site reported class counts: cannot weight the classes (set class-weighting=false)")
-    present = counts > 0
-    weights = np.zeros(len(counts))
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    log.info("federation-wide class counts %s -> class weights %s", counts.tolist(), np.round(weights, 4).tolist())
-    return [float(w) for w in weights]
-
-
 def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEvaluation | None:
-    """Pooled evaluation of the replies that carry no error, in node order; None if none does."""
-    answered = sorted((reply for reply in replies if not reply.has_error()), key=lambda reply: reply.metadata.src_node_id)
+    """Pooled evaluation of the sound replies (`evaluation_problem`), in node order; None if none is.
+    A dropped reply is logged and listed in the evaluation's `rejected`."""
+    answered, rejected = [], []
+    for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
+        node = reply.metadata.src_node_id
+        problem = "the node replied with an error" if reply.has_error() else evaluation_problem(reply.content, len(class_names))
+        if problem is None:
+            answered.append(reply)
+        else:
+            log.warning("dropping evaluation from node %s: %s", node, problem)
+            rejected.append({"node": node, "reason": problem})
     if not answered:
         return None
     names = [_site_label(reply) for reply in answered]
-    return pool_evaluations([reply.content for reply in answered], names, class_names)
+    pooled = pool_evaluations([reply.content for reply in answered], names, class_names)
+    pooled.rejected = rejected
+    return pooled
 
 
 def _site_label(reply: Message) -> str:
@@ -141,14 +193,18 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     restore_optimiser_state(strategy, run.optimiser_state)
     arrays = run.global_arrays or initial_arrays(config)
     train_config = ConfigRecord({"local-epochs": config.local_epochs, "learning-rate": config.learning_rate})
+    declarations = collect_declarations(grid, grid.get_node_ids(), config)
     if config.class_weighting:
-        train_config["class-weights"] = federation_class_weights(grid, config)
+        train_config["class-weights"] = federation_class_weights(declarations, len(config.classes))
     evaluation: PooledEvaluation | None = None
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
-        instructions = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+        newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
+        declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
         trained = aggregate_train_round(
-            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout), config
+            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout), config,
+            declarations,
         )
         if trained.arrays is not None:
             arrays = trained.arrays

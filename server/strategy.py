@@ -8,8 +8,10 @@ in `server.rounds`, around the strategy rather than inside it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -59,9 +61,21 @@ def build_strategy(config: FederatedConfig) -> FedAvg:
 
 
 def optimiser_state(strategy: FedAvg) -> dict[str, Any]:
-    return {name: getattr(strategy, name) for name in STATEFUL_ATTRIBUTES if getattr(strategy, name, None) is not None}
+    """The strategy's optimiser state as tensors (a checkpoint holds tensors and plain data only)."""
+    return {
+        name: _map_arrays(getattr(strategy, name), torch.from_numpy)
+        for name in STATEFUL_ATTRIBUTES
+        if getattr(strategy, name, None) is not None
+    }
 
 
 def restore_optimiser_state(strategy: FedAvg, state: dict[str, Any]) -> None:
     for name, value in state.items():
-        setattr(strategy, name, value)
+        setattr(strategy, name, _map_arrays(value, lambda tensor: tensor.numpy()))
+
+
+def _map_arrays(value: Any, convert: Callable[[Any], Any]) -> Any:
+    # FedOpt keeps {name: array}, FedAvgM a list of arrays.
+    if isinstance(value, dict):
+        return {key: convert(array) for key, array in value.items()}
+    return [convert(array) for array in value]

@@ -1,20 +1,33 @@
-"""What the server checks in every reply before it may touch the global model."""
+"""What the server checks in every reply before it may touch the global model or the pooled metrics.
+
+A reply that fails a check is dropped with its reason (logged and recorded in the run's metrics)
+and the round goes on with the others: no single site, faulty or hostile, can stop a run.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from pneumofed.common.metrics.histogram import DEFAULT_BINS, ScoreHistogram
+
 
 def update_problem(
-    global_arrays: ArrayRecord, reply: RecordDict, max_update_ratio: float, variances: Collection[str] = ()
+    global_arrays: ArrayRecord,
+    reply: RecordDict,
+    max_update_ratio: float,
+    variances: Collection[str] = (),
+    declared_examples: int | None = None,
 ) -> str | None:
     """Why this training reply must not be aggregated, or None when it is sound.
 
     The norm bound is relative: ||client - global|| <= max_update_ratio * ||global||. Arrays named
-    in `variances` (BatchNorm running variances) must be positive everywhere.
+    in `variances` (BatchNorm running variances) must be positive everywhere. `num-examples` may
+    not exceed what the site declared when it joined the run (`declared_examples`), so no site can
+    buy itself more weight in the average than its data give it.
     """
     if len(reply.array_records) != 1 or len(reply.metric_records) != 1:
         return "expected exactly one ArrayRecord and one MetricRecord"
@@ -22,24 +35,94 @@ def update_problem(
     num_examples = metrics.get("num-examples")
     if not isinstance(num_examples, int) or num_examples <= 0:
         return f"num-examples must be a positive integer, got {num_examples!r}"
+    if declared_examples is not None and num_examples > declared_examples:
+        return f"num-examples {num_examples} exceeds the {declared_examples} training ROIs the site declared"
     arrays = next(iter(reply.array_records.values()))
     if list(arrays.keys()) != list(global_arrays.keys()):
         return f"array keys differ from the global model ({len(arrays)} vs {len(global_arrays)} arrays)"
-    delta_sq = reference_sq = 0.0
     for name, expected in global_arrays.items():
         received = arrays[name]
         if tuple(received.shape) != tuple(expected.shape):
             return f"{name}: shape {tuple(received.shape)} != {tuple(expected.shape)}"
         if received.dtype != expected.dtype:
             return f"{name}: dtype {received.dtype} != {expected.dtype}"
-        values, reference = received.numpy(), expected.numpy()
+        values = received.numpy()
         if not np.isfinite(values).all():
             return f"{name}: contains NaN or infinite values"
         if name in variances and not (values > 0).all():
             return f"{name}: a BatchNorm variance is not positive"
-        delta_sq += float(np.sum((values.astype(np.float64) - reference) ** 2))
-        reference_sq += float(np.sum(reference.astype(np.float64) ** 2))
-    ratio = np.sqrt(delta_sq) / max(np.sqrt(reference_sq), 1e-12)
+    ratio = update_norm(global_arrays, arrays) / max(_norm(global_arrays), 1e-12)
     if ratio > max_update_ratio:
         return f"update norm is {ratio:.3g}x the global model's (bound {max_update_ratio:g}x)"
+    return None
+
+
+def update_norm(global_arrays: ArrayRecord, arrays: ArrayRecord, excluded: Collection[str] = ()) -> float:
+    """||arrays - global_arrays|| over the arrays not named in `excluded` (float64)."""
+    return math.sqrt(sum(
+        float(np.sum((arrays[name].numpy().astype(np.float64) - reference.numpy()) ** 2))
+        for name, reference in global_arrays.items()
+        if name not in excluded
+    ))
+
+
+def _norm(arrays: ArrayRecord) -> float:
+    return math.sqrt(sum(float(np.sum(array.numpy().astype(np.float64) ** 2)) for array in arrays.values()))
+
+
+def outlying_norms(norms: dict[int, float], max_median_ratio: float) -> dict[int, str]:
+    """Nodes whose update is more than `max_median_ratio` times the round's median update norm,
+    with the reason. Needs three updates: with fewer the median is one of two candidates."""
+    if len(norms) < 3:
+        return {}
+    median = float(np.median(list(norms.values())))
+    return {
+        node: f"update norm {norm:.3g} is {norm / median:.3g}x the round's median {median:.3g} (bound {max_median_ratio:g}x)"
+        for node, norm in norms.items()
+        if median > 0 and norm > max_median_ratio * median
+    }
+
+
+def evaluation_problem(reply: RecordDict, num_classes: int) -> str | None:
+    """Why this evaluation reply must not be pooled, or None when its counts are consistent.
+
+    Every count must be a non-negative integer, the loss finite, the confusion matrix K x K and sum
+    to `num-examples`, and the score histogram use the shared bin layout and hold, per class, exactly the confusion matrix's
+    positives and every evaluated ROI once.
+    """
+    if len(reply.metric_records) != 1 or reply.array_records:
+        return "expected exactly one MetricRecord and no arrays"
+    metrics = next(iter(reply.metric_records.values()))
+    missing = sorted({"num-examples", "eval-loss", "eval-accuracy", "confusion"} - set(metrics))
+    if missing:
+        return f"missing metrics {missing}"
+    num_examples = metrics["num-examples"]
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        return f"num-examples must be a positive integer, got {num_examples!r}"
+    loss, accuracy = metrics["eval-loss"], metrics["eval-accuracy"]
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        return f"eval-loss must be a finite non-negative number, got {loss!r}"
+    if not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
+        return f"eval-accuracy must lie in [0, 1], got {accuracy!r}"
+    confusion = metrics["confusion"]
+    if not isinstance(confusion, list) or len(confusion) != num_classes**2:
+        return f"confusion must list {num_classes}x{num_classes} counts"
+    if any(type(count) is not int or count < 0 for count in confusion):
+        return "confusion counts must be non-negative integers"
+    matrix = np.asarray(confusion, dtype=np.int64).reshape(num_classes, num_classes)
+    if int(matrix.sum()) != num_examples:
+        return f"confusion counts {int(matrix.sum())} ROIs but num-examples says {num_examples}"
+    try:
+        histogram = ScoreHistogram.from_flat(metrics)
+    except ValueError as error:
+        return f"score histogram: {error}"
+    if histogram.num_classes != num_classes:
+        return f"score histogram has {histogram.num_classes} classes, the run {num_classes}"
+    if histogram.bins != DEFAULT_BINS:
+        return f"score histogram has {histogram.bins} bins, the shared layout {DEFAULT_BINS}"
+    positives, negatives = histogram.counts.sum(axis=2)
+    if not np.array_equal(positives, matrix.sum(axis=1)):
+        return "score histogram positives disagree with the confusion matrix"
+    if not np.array_equal(positives + negatives, np.full(num_classes, num_examples)):
+        return "score histogram does not count every evaluated ROI once per class"
     return None

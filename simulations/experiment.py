@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import stats
 from torch.utils.data import ConcatDataset, Dataset
 
 from pneumofed.common.data.site import SiteData, load_site

@@ -26,6 +26,7 @@ from pneumofed.common.metrics.report import confusion_counts
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import (
     aggregate_train_round,
+    collect_declarations,
     initial_arrays,
     pool_replies,
     run_federation,
@@ -41,9 +42,11 @@ class RecordingGrid(InProcessGrid):
     """The in-process grid, keeping every instruction and reply, optionally tampering with a node's
     training replies on their way to the server."""
 
-    def __init__(self, sites: list[Path], run_config: dict, tamper: dict[int, Callable[[RecordDict], RecordDict]] | None = None):
+    def __init__(self, sites: list[Path], run_config: dict, tamper: dict[int, Callable[[RecordDict], RecordDict]] | None = None,
+                 tamper_evaluate: dict[int, Callable[[RecordDict], RecordDict]] | None = None):
         super().__init__(sites, run_config)
         self.tamper = tamper or {}
+        self.tamper_evaluate = tamper_evaluate or {}
         self.instructions: list[Message] = []
         self.replies: list[Message] = []
 
@@ -52,6 +55,8 @@ class RecordingGrid(InProcessGrid):
         node = message.metadata.dst_node_id
         if message.metadata.message_type == MessageType.TRAIN and node in self.tamper:
             content = self.tamper[node](content)
+        if message.metadata.message_type == MessageType.EVALUATE and node in self.tamper_evaluate:
+            content = self.tamper_evaluate[node](content)
         return content
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -66,9 +71,9 @@ def run_config(tmp_path: Path, **overrides) -> dict:
     return FederatedConfig.model_validate(SMALL_RUN | {"run-dir": str(tmp_path / "run")} | overrides).to_run_config()
 
 
-def federate(sites, config_dict, tamper=None) -> tuple[RunDirectory, RecordingGrid]:
+def federate(sites, config_dict, tamper=None, tamper_evaluate=None) -> tuple[RunDirectory, RecordingGrid]:
     config = FederatedConfig.from_run_config(config_dict)
-    grid = RecordingGrid(sites, config_dict, tamper)
+    grid = RecordingGrid(sites, config_dict, tamper, tamper_evaluate)
     run = RunDirectory.open(config, flower_run_id=1)
     run_federation(grid, config, run)
     return run, grid
@@ -186,7 +191,8 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
 
-    trained = aggregate_train_round(strategy, 1, global_arrays, replies, config)
+    trained = aggregate_train_round(strategy, 1, global_arrays, replies, config,
+                                    collect_declarations(grid, grid.get_node_ids(), config))
     aggregated = trained.arrays
 
     [rejection] = trained.rejected
@@ -209,7 +215,8 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_
     for order in (replies, replies[::-1]):
         strategy = build_strategy(config)
         list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
-        aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config).arrays)
+        declarations = collect_declarations(grid, grid.get_node_ids(), config)
+        aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config, declarations).arrays)
 
     for name, array in aggregates[0].items():
         np.testing.assert_array_equal(array.numpy(), aggregates[1][name].numpy())

@@ -16,7 +16,7 @@ from pneumofed.common.data.site import load_site
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.learning import training
 from pneumofed.common.learning.batchnorm import batchnorm_names, recalibrate_batchnorm
-from pneumofed.server.rounds import federation_class_weights, initial_arrays
+from pneumofed.server.rounds import collect_declarations, federation_class_weights, initial_arrays
 
 
 def _fresh_process(state: RecordDict) -> RecordDict:
@@ -116,7 +116,9 @@ def test_every_site_is_sent_the_same_federation_wide_class_weights(synthetic_sit
     sent = [list(message.content["config"]["class-weights"]) for message in grid.instructions if message.metadata.message_type == MessageType.TRAIN]
     assert len(sent) == len(synthetic_sites) and all(weights == sent[0] for weights in sent)
     np.testing.assert_allclose(sent[0], expected, rtol=1e-9)
-    assert federation_class_weights(grid, FederatedConfig.from_run_config(config_dict)) == sent[0]
+    config = FederatedConfig.from_run_config(config_dict)
+    declarations = collect_declarations(grid, grid.get_node_ids(), config)
+    assert federation_class_weights(declarations, len(config.classes)) == sent[0]
 
 
 def test_no_server_optimiser_drives_a_batchnorm_variance_negative(synthetic_sites, tmp_path, flower_identity):

@@ -56,6 +56,8 @@ class FederatedConfig(BaseModel):
     trim_beta: float = Field(0.2, gt=0, lt=0.5, alias="trim-beta")
     krum_malicious: int = Field(0, ge=0, alias="krum-malicious")
     max_update_ratio: float = Field(10.0, gt=0, alias="max-update-ratio")
+    # With three or more updates in a round, one above this multiple of the round's median norm is refused.
+    max_update_median_ratio: float = Field(10.0, gt=1, alias="max-update-median-ratio")
     seed: int = 0
     sites: str = ""
     run_dir: str = Field("", alias="run-dir")

@@ -20,6 +20,7 @@ class PooledEvaluation:
     loss: float
     num_examples: int
     site_auc: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # replies dropped, with the reason
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -27,6 +28,7 @@ class PooledEvaluation:
             "num-examples": self.num_examples,
             **self.report.model_dump(mode="json", exclude={"per_class": {"__all__": {"roc"}}}),
             "site-auc": self.site_auc,
+            "rejected-evaluations": self.rejected,
         }
 
 

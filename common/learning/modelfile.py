@@ -11,7 +11,7 @@ from torch import nn
 
 from pneumofed.common.files import atomic_write
 from pneumofed.common.learning.models import build_model
-from pneumofed.common.learning.state import floating_state, load_floating_state
+from pneumofed.common.learning.state import floating_state, load_floating_state, load_tensor_file
 
 FORMAT = "pneumofed-model/1"
 
@@ -41,10 +41,10 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
+    payload = load_tensor_file(path)  # UnsafeFile for anything that could run code
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         card = ModelCard.model_validate(payload["card"])
-    except Exception as error:  # torch raises several types for foreign files
+    except Exception as error:  # a foreign file: not a mapping, or no valid card
         raise ValueError(f"{path} is not a pneumofed model file: {error}") from error
     if card.format != FORMAT:
         raise ValueError(f"{path}: unsupported model file format {card.format!r}")

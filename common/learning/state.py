@@ -7,7 +7,10 @@ silently turn them into floats on the server.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,3 +35,20 @@ def load_floating_state(model: nn.Module, arrays: Mapping[str, np.ndarray | torc
         raise ValueError(f"model state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tensors = {name: torch.as_tensor(np.asarray(value)) for name, value in arrays.items()}
     model.load_state_dict(tensors, strict=False)
+
+
+class UnsafeFile(ValueError):
+    """A file meant to hold tensors and plain data holds something else (e.g. code run on loading)."""
+
+
+def load_tensor_file(path: str | Path) -> Any:
+    """`torch.load` of tensors, numbers, strings, lists and dicts only; anything else (a pickled
+    object, which could run code) is refused with `UnsafeFile`. Every model file and checkpoint
+    pneumofed reads goes through here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests loading with weights_only=False: exactly what must not happen.
+        raise UnsafeFile(
+            f"{path} holds more than tensors and plain data (it could run code when opened); refusing to load it"
+        ) from None
