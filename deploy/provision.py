@@ -10,7 +10,9 @@ Output layout (OUT is `--out`):
                                node-config.toml, start script
 
 Every private key is written once, mode 0600, in exactly one place; re-running keeps existing
-keys (and certificates still valid for the current federation file) unless `--rotate` names them.
+keys (and certificates still valid for the current federation file) unless `--rotate` names them,
+and puts the modes back on every run: 0600 for each private key, kept or new, and 0700 for the
+folders that hold one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -159,7 +163,7 @@ def provision(spec: FederationSpec, out_dir: Path, *, rotate: frozenset[str] = f
             encode: Callable[[pki.PrivateKey], bytes]) -> pki.PrivateKey:
         if path.exists() and not (rotate_all or name in rotate):
             kept.append(name)
-            return pki.load_private_key(path.read_bytes())
+            return pki.load_private_key(_read_secret(path))
         created.append(name)
         fresh = new_key()
         _write_secret(path, encode(fresh))
@@ -288,6 +292,22 @@ def _private_dir(path: Path) -> Path:
 
 def _write_secret(path: Path, data: bytes) -> None:
     atomic_write(path, data, mode=0o600)  # a fresh inode: never widen or reuse an old file's permissions
+
+
+def _read_secret(path: Path) -> bytes:
+    """A kept private key's bytes, after putting its mode back to 0600 (someone may have loosened it).
+
+    Opened without following a symlink, so the mode of a file outside the kit is never changed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot open the private key (symlinks are refused): {err.strerror}") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path}: a private key must be a regular file")
+        os.fchmod(handle.fileno(), 0o600)
+        return handle.read()
 
 
 def _write_public(path: Path, data: bytes | str) -> None:

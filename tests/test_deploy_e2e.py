@@ -6,6 +6,7 @@ Every process is started from the shipped kit scripts in its own session and sto
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from pneumofed.common.federation import audit
@@ -104,6 +106,18 @@ def _trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
 
 
+def _raw_status(port: int, ca: Path, target: str, headers: dict[str, str]) -> int:
+    """POST with `target` sent byte for byte as the request target (httpx would resolve dot segments)."""
+    connection = http.client.HTTPSConnection("localhost", port, context=_trusting(ca), timeout=10)
+    try:
+        connection.request("POST", target, body=b"", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
 def _responds(url: str, ca: Path, status: int) -> bool:
     try:
         return httpx.get(url, verify=_trusting(ca), timeout=5).status_code == status
@@ -116,6 +130,7 @@ class Federation:
         self.root, self.processes, self.out = root, processes, out
         self.fleet_port, self.control_port = fleet_port, control_port
         self.coordinator = out / "coordinator"
+        self.runtime_ports: dict[str, int] = {}
         self.ca = self.coordinator / "ca.crt"
 
     def hospital_kit(self, name: str) -> Path:
@@ -131,8 +146,9 @@ class Federation:
         return json.loads(result.stdout)["nodes"]
 
     def start_node(self, name: str, kit: Path, *extra: str) -> subprocess.Popen[bytes]:
+        self.runtime_ports[name] = _free_port()
         return self.processes.start(name, [str(kit / "start-supernode.sh"), *extra],
-                                    PNEUMOFED_RUNTIME_PORT=str(_free_port()))
+                                    PNEUMOFED_RUNTIME_PORT=str(self.runtime_ports[name]))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +179,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     processes = Processes(root, env)
     fed = Federation(root, processes, out, fleet_port, control_port)
     try:
-        superlink = processes.start("superlink", [str(fed.coordinator / "start-superlink.sh")])
+        # Unbuffered, so that its access log (client address per request) can be read while it runs.
+        superlink = processes.start("superlink", [str(fed.coordinator / "start-superlink.sh")], PYTHONUNBUFFERED="1")
         proxy = processes.start("proxy", [str(fed.coordinator / "start-proxy.sh")])
 
         def alive() -> None:
@@ -206,12 +223,13 @@ def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federa
         "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/v1/runtime/push-task-output",
         "/v1/runtime/create-task",
         "/v1/fleet/../control/list-nodes", "/v1/fleet/%2e%2e/control/list-nodes", "/v1/fleet/..%2fcontrol/list-nodes",
+        # normalise to a Fleet path, but only exact Fleet paths are forwarded (the SuperLink said 404 to these)
+        "/v1/control/../fleet/get-run", "/v1/runtime/../fleet/pull-messages", "/v1/fleet//get-run",
+        "/v1/fleet/get-run?x=1",
     ]
     with httpx.Client(verify=_trusting(fed.ca), timeout=10) as client:
-        for path in blocked:
-            request = client.build_request("POST", public + path, headers=headers, content=b"")
-            request.url = request.url.copy_with(raw_path=path.encode())  # keep dot segments as sent by an attacker
-            assert client.send(request).status_code == 403, path
+        for path in blocked:  # dot segments and encodings kept as sent by an attacker
+            assert _raw_status(fed.fleet_port, fed.ca, path, headers) == 403, path
         for path in ("/docs", "/openapi.json", "/health"):
             assert client.get(public + path).status_code == 403, path
         # The same Control API answers on the SuperLink's loopback port, so the 403s above are the proxy's doing.
@@ -232,6 +250,22 @@ def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federa
                              capture_output=True, timeout=120, env={**fed.processes.env, "FLWR_HOME": str(attacker_home)})
     assert attempt.returncode != 0 and "403" in attempt.stdout + attempt.stderr
     assert len(fed.nodes()) == len(HOSPITALS)
+
+
+def test_the_superlink_sees_the_proxy_peer_address_not_a_client_supplied_one(federation: Federation) -> None:
+    fed = federation
+    request_line = '"POST /v1/fleet/get-run HTTP/1.1"'
+    before = fed.processes.log("superlink").count(request_line)
+    spoofed = {"X-Forwarded-For": "203.0.113.7", "X-Real-IP": "203.0.113.8", "Forwarded": "for=203.0.113.9",
+               "content-type": "application/protobuf", "accept": "application/protobuf"}
+    response = httpx.post(f"https://localhost:{fed.fleet_port}/v1/fleet/get-run", headers=spoofed, content=b"",
+                          verify=_trusting(fed.ca), timeout=10)
+    assert response.status_code == 401  # reached the SuperLink, which wants a registered node's signature
+    _wait_until(lambda: fed.processes.log("superlink").count(request_line) > before, 30, "the SuperLink's access log")
+    log = fed.processes.log("superlink")
+    assert "203.0.113." not in log
+    access = [line for line in log.splitlines() if request_line in line]
+    assert "127.0.0.1:0 - " in access[-1], access[-1]  # uvicorn took the address nginx set (port 0: from the header)
 
 
 def test_plaintext_connections_are_refused(federation: Federation) -> None:
@@ -284,6 +318,17 @@ def test_node_with_another_ca_is_refused(federation: Federation) -> None:
     assert not any(node["status"] == "online" for node in fed.nodes())
 
 
+def _runtime_api_is_loopback_only_and_unauthenticated(node: subprocess.Popen[bytes], port: int) -> None:
+    """What docs/deploy.md warns about: the SuperNode's Runtime API (PNEUMOFED_RUNTIME_PORT) listens on
+    127.0.0.1 only, but serves any local caller without a credential."""
+    listening = {connection.laddr.ip for connection in psutil.Process(node.pid).net_connections("inet")
+                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port}
+    assert listening == {"127.0.0.1"}
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/runtime/acquire-task", content=b"", timeout=10,
+                          headers={"content-type": "application/protobuf", "accept": "application/protobuf"})
+    assert response.status_code == 200
+
+
 def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Federation) -> None:
     fed = federation
     nodes = {name: fed.start_node(name, fed.hospital_kit(name)) for name in HOSPITALS}
@@ -294,6 +339,8 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Fede
 
     _wait_until(lambda: sum(n["status"] == "online" for n in fed.nodes()) == len(HOSPITALS), 120,
                 "three online SuperNodes", nodes_alive)
+    for name in HOSPITALS:  # before any run exists, so no task can be taken away from a node
+        _runtime_api_is_loopback_only_and_unauthenticated(nodes[name], fed.runtime_ports[name])
 
     run_dir = fed.root / "run"
     started = fed.flwr("run", str(fed.coordinator / "flower-app"), FEDERATION, "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
@@ -315,7 +362,11 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Fede
         replies = [e for e in entries if e["event"] == "reply"]
         train = [e for e in replies if e["kind"] == "train"]
         assert [e["round"] for e in train] == [1, 2], name
-        assert {e["kind"] for e in replies} == {"train", "evaluate"}
+        assert {e["kind"] for e in replies} == {"query", "train", "evaluate"}
+        # The one query: the site's declaration of its training data when it joined the run.
+        assert [(e["round"], e["metric_keys"]["metrics"]) for e in replies if e["kind"] == "query"] == [
+            (0, ["class-counts", "num-examples"])
+        ], name
         for entry in train:
             assert entry["arrays"]["arrays"]["bytes"] > 0 and len(entry["arrays"]["arrays"]["sha256"]) == 64
             assert "num-examples" in entry["metric_keys"]["metrics"]

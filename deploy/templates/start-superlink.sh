@@ -4,6 +4,15 @@
 # loopback only. Hospitals reach its Fleet API through start-proxy.sh. Stop it with SIGTERM.
 set -eu
 KIT=$(cd "$(dirname "$0")" && pwd)
+# FLWR_INTERNAL_* variables switch on Flower-internal servers (e.g. an unauthenticated gRPC
+# Control API on all interfaces): never pass any of them on from the caller's environment.
+for pneumofed_var in $(env | sed -n 's/^\(FLWR_INTERNAL_[A-Za-z0-9_]*\)=.*/\1/p'); do
+    unset "$pneumofed_var"
+done
+unset pneumofed_var
+# uvicorn takes the client address from X-Forwarded-For only when the peer is in this list:
+# nginx on loopback, which overwrites the header itself (not a value from the caller's environment).
+export FORWARDED_ALLOW_IPS=127.0.0.1
 mkdir -p "$KIT/state"
 exec flower-superlink \
     --host 127.0.0.1 \

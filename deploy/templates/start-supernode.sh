@@ -4,10 +4,17 @@
 # Extra flags are passed to flower-supernode. Stop it with SIGTERM.
 set -eu
 KIT=$(cd "$(dirname "$0")" && pwd)
+# FLWR_INTERNAL_* variables switch on Flower-internal servers (e.g. an unauthenticated gRPC
+# Control API on all interfaces): never pass any of them on from the caller's environment.
+for pneumofed_var in $(env | sed -n 's/^\(FLWR_INTERNAL_[A-Za-z0-9_]*\)=.*/\1/p'); do
+    unset "$pneumofed_var"
+done
+unset pneumofed_var
 exec flower-supernode \
     --superlink {{superlink_address}} \
     --root-certificates "$KIT/ca.crt" \
     --auth-supernode-private-key "$KIT/node.key" \
     --node-config "$KIT/node-config.toml" \
+    --host 127.0.0.1 \
     --port "${PNEUMOFED_RUNTIME_PORT:-9094}" \
     "$@"
