@@ -18,6 +18,7 @@ SuperLink and Ray workers included). An arm whose outputs exist with identical s
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import threading
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import stats
 from torch.utils.data import ConcatDataset, Dataset
 
+from pneumofed.client.app import LOCAL_BATCHNORM
 from pneumofed.common.data.site import SiteData, load_site
 from pneumofed.common.data.store import StoreRequirements, open_stores, pool_stores
 from pneumofed.common.federation.config import FederatedConfig, StrategyName
@@ -172,7 +174,11 @@ class ExperimentConfig(_Strict):
                     raise ValueError(f"federated {name} may not set {clash}: the experiment sets them")
                 # Validate the extra keys now rather than minutes later inside the simulation.
                 FederatedConfig.model_validate({"model": self.model} | self.federated.run_config | extra)
-            self.federated.arms()
+            for name, extra in self.federated.arms().items():
+                mode = (self.federated.run_config | extra).get("bn-mode", "shared")
+                if mode != "shared" and self.federated.engine != "in-process":
+                    raise ValueError(f"federated arm {name!r} (bn-mode {mode}) is scored with each site's own "
+                                     "BatchNorm, which needs engine = \"in-process\"")
         return self
 
 
@@ -315,8 +321,17 @@ def fit_best_epoch(
 
 
 def _scored(config: ExperimentConfig, model, test_set: Dataset, class_names: list[str], out: Path, title: str) -> dict[str, Any]:
-    result = evaluate(model, test_set, _train_config(config, config.seed).model_copy(update={"batch_size": 64}))
-    summary, report = summarise(result.labels, result.probs, class_names, loss=result.loss,
+    return _scored_per_site(config, [(model, test_set)], class_names, out, title)
+
+
+def _scored_per_site(config: ExperimentConfig, scorers: list[tuple[Any, Dataset]], class_names: list[str], out: Path,
+                     title: str) -> dict[str, Any]:
+    """Summary (bootstrap CIs) of the scores of each (model, ROIs) pair, pooled in order."""
+    settings = _train_config(config, config.seed).model_copy(update={"batch_size": 64})
+    results = [evaluate(model, data, settings) for model, data in scorers]
+    labels = np.concatenate([r.labels for r in results])
+    loss = float(sum(r.loss * r.num_examples for r in results) / len(labels))
+    summary, report = summarise(labels, np.concatenate([r.probs for r in results]), class_names, loss=loss,
                                 n_boot=config.bootstrap, seed=config.seed)
     summary["outputs"] = write_summary(out, summary, report, title, prefix="test_")
     return summary
@@ -366,8 +381,11 @@ def local_arm(config: ExperimentConfig, site: SiteData, test_set: Dataset, class
                      {"best-epoch": best, "train-rois": len(site.train)})
 
 
-def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], test_set: Dataset,
+def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], sites: list[SiteData],
                   class_names: list[str], out: Path) -> ArmResult:
+    """A federated run, its best round scored on the sites' test parts. Under `fedbn`/`silobn` there
+    is no one global model: each site's test part is scored by the global weights with that site's
+    own BatchNorm (FedBN's protocol), which needs the in-process engine to read the sites' state."""
     arm = config.federated
     run_dir = out / "run"
     if run_dir.exists():  # a stale or interrupted run: start afresh rather than resume other settings
@@ -380,15 +398,25 @@ def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], t
         "class-weighting": t.class_weighting, "augment": t.augment, "seed": config.seed,
         "run-dir": str(run_dir.resolve()),
     } | arm.run_config | arm.arms()[name]
-    FederatedConfig.from_run_config(run_config | {"sites": ",".join(map(str, site_paths))})
+    arm_config = FederatedConfig.from_run_config(run_config | {"sites": ",".join(map(str, site_paths))})
     if arm.engine == "in-process":
-        run_in_process(site_paths, run_config)
+        _, grid = run_in_process(site_paths, run_config)
     else:
         run_simulation(site_paths, run_config, cpus_per_client=1)  # Flower wants a whole number of CPUs
     final = json.loads((run_dir / "final.json").read_text())
     rounds = json.loads((run_dir / "metrics.json").read_text())
     model, _ = load_model_file(run_dir / "models" / "best.pt")
-    summary = _scored(config, model, test_set, class_names, out, f"{name}, round {final['best-round']}")
+    title = f"{name}, round {final['best-round']}"
+    if arm_config.bn_mode == "shared":
+        summary = _scored(config, model, ConcatDataset([s.test for s in sites]), class_names, out, title)
+    else:
+        scorers = []
+        for node, site in zip(grid.get_node_ids(), sites, strict=True):
+            personal = copy.deepcopy(model)
+            local = grid.states[node][LOCAL_BATCHNORM].to_torch_state_dict()
+            personal.load_state_dict(local, strict=False)
+            scorers.append((personal, site.test))
+        summary = _scored_per_site(config, scorers, class_names, out, title + ", each site with its own BatchNorm")
     # The federated final evaluation pooled the same test parts site by site: counts must agree.
     agrees = summary["confusion_matrix"] == final["confusion_matrix"]
     if not agrees:
@@ -471,7 +499,7 @@ def _run_one_seed(config: ExperimentConfig, out: Path) -> list[ArmResult]:
                 arm_dir = group / f"federated-{arm_name}"
                 settings = {"arm": "federated", "strategy": arm_name, "federated": config.federated.model_dump(), **base}
                 results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir: federated_arm(
-                    config, s, site_paths, test_set, class_names, d)))
+                    config, s, site_paths, sites, class_names, d)))
         if config.local:
             for site, path in zip(sites, site_paths, strict=True):
                 arm_dir = group / f"local-{path.name}"

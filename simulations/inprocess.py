@@ -63,10 +63,12 @@ def task_identity(run_id: int = 0) -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def run_in_process(sites: Sequence[Path], run_config: Mapping[str, Any]) -> RunDirectory:
-    """One federated run of `run_config` over the site stores `sites`; returns its run directory."""
+def run_in_process(sites: Sequence[Path], run_config: Mapping[str, Any]) -> tuple[RunDirectory, InProcessGrid]:
+    """One federated run of `run_config` over the site stores `sites`: its run directory, and the grid
+    with each node's final `context.state` (its site-local BatchNorm and optimiser state)."""
     config = FederatedConfig.from_run_config(run_config)
+    grid = InProcessGrid(sites, run_config)
     with task_identity():
         run = RunDirectory.open(config, flower_run_id=0)
-        run_federation(InProcessGrid(sites, run_config), config, run)
-    return run
+        run_federation(grid, config, run)
+    return run, grid

@@ -186,4 +186,21 @@ scheme = "natural"
     assert per_seed[3] != per_seed[4], "the seeds trained the same models"
     fedbn_run = json.loads((out / "seed-3" / "natural" / "federated-fedbn" / "run" / "config.json").read_text())
     assert fedbn_run["bn-mode"] == "fedbn" and fedbn_run["strategy"] == "fedavg"
+    # Each site's test part was scored with the site's own BatchNorm, as the federated test round did.
+    fedbn_arm = next(a for a in json.loads((out / "seed-3" / "results.json").read_text())["arms"] if a["name"] == "fedbn")
+    assert fedbn_arm["extra"]["agrees-with-final-json"]
     assert "| federated | fedbn | 2 |" in (out / "summary.md").read_text()
+
+
+def test_a_fedbn_arm_needs_the_in_process_engine_to_be_scored_per_site(tmp_path):
+    config = _write(tmp_path / "bad.toml", """
+name = "bad"
+[data]
+kind = "synthetic"
+[federated]
+variants = { fedbn = { "bn-mode" = "fedbn" } }
+[partitions.natural]
+scheme = "natural"
+""")
+    with pytest.raises(ValidationError, match="in-process"):
+        load_config(config)
