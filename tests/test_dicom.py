@@ -520,3 +520,53 @@ def test_read_only_file_loads_and_stays_unchanged(tmp_path):
     before = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
     load_radiograph(path, target_spacing_mm=0.4)
     assert (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) == before
+
+
+# ---------------------------------------------------------------- no contrast, too large
+
+
+def constant_modality_lut(stored: np.ndarray) -> Dataset:
+    ds = radiograph_dataset(stored, bits_stored=12)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: every stored value 0..4095...
+    item.add_new(0x00283006, "US", [1234] * 4096)  # ...maps to 1234
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [item]
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (constant_modality_lut, "value 1234 after the Modality LUT"),
+        (lambda s: radiograph_dataset(s, RescaleSlope=0, RescaleIntercept=-7), "value -7 after the Modality LUT"),
+        (lambda s: radiograph_dataset(np.full_like(s, 900)), "(all stored values are equal)"),
+        (lambda s: radiograph_dataset(s, WindowCenter=30000, WindowWidth=100), "the window (center 30000, width 100"),
+    ],
+    ids=["modality-lut", "rescale-slope-0", "flat-stored", "window-outside-values"],
+)
+def test_an_image_left_without_contrast_by_its_luts_is_blank(make, says, tmp_path):
+    path = write(make(ramp(high=1000)), tmp_path / "blank.dcm")
+    with pytest.raises(DicomRejected) as caught:
+        load_radiograph(path)
+    assert caught.value.reason == "blank-image" and says in caught.value.detail
+
+
+def test_a_contrasted_modality_lut_is_not_blank(tmp_path):
+    ds = constant_modality_lut(ramp(high=1000))
+    ds.ModalityLUTSequence[0].add_new(0x00283006, "US", list(range(4096)))
+    assert_display_image(load_radiograph(write(ds, tmp_path / "lut.dcm")), (48, 64))
+
+
+def test_header_size_beyond_the_limit_is_too_large_before_decoding(tmp_path):
+    ds = radiograph_dataset(ramp())
+    ds.Rows = ds.Columns = 9000  # the pixel data is tiny: decoding would call it corrupt
+    assert rejection(write(ds, tmp_path / "huge.dcm")) == "too-large"
+
+
+def test_resampling_beyond_the_size_limit_is_too_large(tmp_path):
+    path = write(radiograph_dataset(ramp(41, 41), PixelSpacing=[0.2, 0.2]), tmp_path / "small.dcm")
+    with pytest.raises(DicomRejected) as caught:
+        load_radiograph(path, target_spacing_mm=0.001)  # x200: 8200 x 8200 pixels
+    assert caught.value.reason == "too-large" and "after resampling to 0.001 mm" in caught.value.detail
+    assert load_radiograph(path, target_spacing_mm=0.01).pixels.shape == (820, 820)

@@ -201,7 +201,15 @@ def cut_in_half(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def claiming_size(path: Path, side: int) -> None:
+    ds = pydicom.dcmread(write_dicom(path))
+    ds.Rows = ds.Columns = side
+    ds.save_as(path)
+
+
 BAD_FILES = {
+    "blank-image": lambda p: write_dicom(p, pixels=np.full((SIDE, SIDE), 700, np.uint16)),
+    "too-large": lambda p: claiming_size(p, 20000),
     "wrong-modality": lambda p: write_dicom(p, modality="CT"),
     "not-grayscale": lambda p: write_dicom(p, rgb=True),
     "multi-frame": lambda p: write_dicom(p, frames=3),
@@ -356,8 +364,9 @@ def test_spacing_resamples_and_boxes_follow(site: Path) -> None:
 
 @pytest.fixture
 def three_files(site: Path) -> Path:
-    for name in ("b.dcm", "c.dcm"):
-        write_dicom(site / "dicom" / name, patient_id=f"PID-{name}", pixels=np.full((SIDE, SIDE), ord(name[0]) * 10, np.uint16))
+    for name in ("b.dcm", "c.dcm"):  # distinct content with contrast (a flat image is rejected as blank)
+        pixels = np.random.default_rng(ord(name[0])).integers(0, 4096, (SIDE, SIDE)).astype(np.uint16)
+        write_dicom(site / "dicom" / name, patient_id=f"PID-{name}", pixels=pixels)
     write_csv(site / "annotations.csv", [good_row("good.dcm"), good_row("b.dcm", "interstitial"), good_row("c.dcm", "emphysema")])
     return site
 

@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     except PrepareInputError as error:
         print(f"pneumofed prepare: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The store is as the last complete run left it (or absent): every file is written atomically,
+        # and the index is withdrawn before any shard it relies on is replaced.
+        print("interrupted", file=sys.stderr)
+        return 130
     print(report.summary())
     if report.rejects:
         print(f"details: {Path(args.out) / REJECTS_FILE}")

@@ -3,13 +3,16 @@
 Pipeline (DICOM PS3.4 N.2 grayscale pipeline, in this order):
 
 1. header checks, cheapest first: truncation, pixel data present, modality, single frame,
-   grayscale, a decoder for the transfer syntax is installed;
+   grayscale, a size that fits in memory (also after resampling), a decoder for the transfer
+   syntax is installed;
 2. decode stored values (pydicom 3 + pylibjpeg plugins: uncompressed, deflate, RLE, JPEG
    baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K);
 3. Modality LUT or Rescale Slope/Intercept;
 4. VOI: the first VOI LUT, else the first Window Center/Width (LINEAR, LINEAR_EXACT or SIGMOID),
    else robust percentiles 0.5..99.5 (not min-max: burned-in markers, collimator edges and dead
    pixels would otherwise squeeze the lung field into a few grey levels);
+   An image left without contrast by these LUTs (every pixel one display value) is rejected:
+   stored as ROIs it would be blank squares with real labels;
 5. MONOCHROME1 inverted to MONOCHROME2 in display space (bright = dense). In DX, Presentation
    LUT Shape INVERSE merely restates MONOCHROME1, so it is not applied a second time;
 6. optional resampling to a common physical pixel size, so ROIs from different scanners share a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +52,8 @@ REJECTION_REASONS = (
     "undecodable",
     "no-spacing",
     "anisotropic-spacing",
+    "blank-image",
+    "too-large",
 )
 # CR and DX are the radiography modalities; RG (radiographic imaging, conventional film/screen)
 # covers digitised films; "DR" is not a DICOM term but several vendors write it. A file without
@@ -57,6 +63,10 @@ GRAYSCALE_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2"})
 PERCENTILE_RANGE = (0.5, 99.5)
 # Relative difference between row and column spacing still treated as square pixels.
 ISOTROPY_TOLERANCE = 1e-3
+# Largest image decoded (stored, and again after resampling). Chest detectors stay below 6000 x
+# 6000; 8192 x 8192 float pixels already take ~1.5 GB through the pipeline. Checked on the header,
+# before decoding, so a small compressed file claiming a huge size cannot exhaust memory.
+MAX_PIXELS = 8192 * 8192
 
 
 class DicomRejected(Exception):
@@ -100,10 +110,17 @@ def load_radiograph(path: str | os.PathLike[str], *, target_spacing_mm: float | 
     _check_header(ds)
     spacing = pixel_spacing_mm(ds)
     scale = 1.0 if target_spacing_mm is None else _resampling_scale(spacing, target_spacing_mm)
+    if scale != 1.0:
+        rows, columns = (int(ds.get(keyword, 0) or 0) for keyword in ("Rows", "Columns"))
+        _check_size(math.floor(rows * scale), math.floor(columns * scale),
+                    f" after resampling to {target_spacing_mm} mm (scale {scale:.3g})")
 
     stored = _decode(ds)
     values = apply_modality_lut(stored, ds)
-    display = _apply_voi(values, ds)
+    _check_contrast(values, lambda v: f"every pixel has the value {v:g} after the Modality LUT/rescale"
+                    + (" (all stored values are equal)" if _is_flat(stored) else ""))
+    display, voi = _apply_voi(values, ds)
+    _check_contrast(display, lambda _: f"{voi()} maps every pixel to one display value")
     if ds.PhotometricInterpretation == "MONOCHROME1":
         display = 1.0 - display
     if target_spacing_mm is not None:
@@ -175,6 +192,7 @@ def _check_header(ds: Dataset) -> None:
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if samples != 1 or photometric not in GRAYSCALE_PHOTOMETRICS:
         raise DicomRejected("not-grayscale", f"SamplesPerPixel={samples}, PhotometricInterpretation={photometric!r}")
+    _check_size(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         decoder = get_decoder(syntax)
@@ -183,6 +201,24 @@ def _check_header(ds: Dataset) -> None:
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         raise DicomRejected("undecodable", f"decoder for {syntax.name} needs: {missing}")
+
+
+def _check_size(rows: int, columns: int, when: str = "") -> None:
+    if rows * columns > MAX_PIXELS:
+        raise DicomRejected(
+            "too-large", f"{columns} x {rows} pixels{when} is more than the {MAX_PIXELS} pixels "
+            f"({math.isqrt(MAX_PIXELS)} x {math.isqrt(MAX_PIXELS)}) a radiograph may have"
+        )
+
+
+def _is_flat(x: np.ndarray) -> bool:
+    return x.size == 0 or bool(np.min(x) == np.max(x))
+
+
+def _check_contrast(x: np.ndarray, detail: Callable[[float], str]) -> None:
+    """Reject an image whose pixels all have one value: no LUT after this can bring contrast back."""
+    if _is_flat(x):
+        raise DicomRejected("blank-image", f"no contrast left: {detail(float(x.flat[0]) if x.size else 0.0)}")
 
 
 def _decode(ds: Dataset) -> np.ndarray:
@@ -201,18 +237,23 @@ def _decode(ds: Dataset) -> np.ndarray:
     return stored
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Map modality values to [0, 1] display values with the file's first VOI, else percentiles."""
+def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, Callable[[], str]]:
+    """Map modality values to [0, 1] display values with the file's first VOI, else percentiles;
+    also returns what names that VOI (for rejecting an image it leaves blank)."""
     if ds.get("VOILUTSequence"):
-        return _apply_voi_lut(values, ds)
+        return _apply_voi_lut(values, ds), lambda: "the first VOI LUT"
     center, width = _first_window(ds)
     if center is not None and width is not None:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         windowed = window(values, center, width, function)
         if windowed is not None:
-            return windowed
+            return windowed, lambda: (f"the window (center {center:g}, width {width:g}, {function}) "
+                                      f"on modality values {np.min(values):g}..{np.max(values):g}")
         logger.warning("ignoring invalid window (center=%s, width=%s, function=%s)", center, width, function)
-    return percentile_normalise(values)
+    x = values.astype(np.float32, copy=False)
+    low, high = (float(v) for v in np.percentile(x, PERCENTILE_RANGE))
+    return _rescale(x, low, high), lambda: (
+        f"the {PERCENTILE_RANGE[0]}..{PERCENTILE_RANGE[1]} percentile window (modality values {low:g}..{high:g})")
 
 
 def _apply_voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:

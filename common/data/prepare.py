@@ -3,10 +3,16 @@
 Inputs
   * ``--dicom-dir``: searched at any depth; every regular file is a candidate (not only ``*.dcm``).
     Files are opened read-only and never modified.
-  * ``--annotations``: CSV with at least ``file,patient_id,x,y,width,height,finding`` (more columns
-    are ignored). ``file`` is resolved relative to the CSV's folder first (the layout of the NIH
-    set and of ``pneumofed synth``: ``dicom/xxx.dcm``), then relative to ``--dicom-dir``; either
-    way it must name a file inside ``--dicom-dir``. Boxes are in stored-pixel coordinates.
+  * ``--dicom-dir`` symlinks: a link to a file is followed; a link to a folder is not (it could lead
+    anywhere, ``/`` included) and is listed as ``symlinked-folder``; loops, broken links and
+    folders that cannot be listed are listed as rejects too, and the scan goes on.
+  * ``--annotations``: UTF-8 CSV (a BOM and Windows line endings are fine; ``;`` or tab as the
+    separator are recognised from the header) with at least
+    ``file,patient_id,x,y,width,height,finding`` (more columns are ignored). ``file`` is resolved
+    relative to the CSV's folder first (the layout of the NIH set and of ``pneumofed synth``:
+    ``dicom/xxx.dcm``), then relative to ``--dicom-dir``; either way it must name a file inside
+    ``--dicom-dir`` (a path leading out of it is rejected as ``outside-dicom-dir``). Boxes are in
+    stored-pixel coordinates.
   * Patient key: HMAC-SHA256 of the DICOM PatientID under the site secret; the CSV's
     ``patient_id`` is used only when the file has no PatientID.
 
@@ -14,7 +20,9 @@ Each ROI is padded to a square around the box centre (the square is shifted to s
 image; only a square larger than the image is zero-padded), then resized with antialiasing to
 ``roi_size``, so anatomy is never stretched. Bad input is skipped and explained in
 ``rejects.json``; the run fails (exit 1) only when no ROI at all remains, and exits 2 without
-writing anything when the CSV lacks required columns or the arguments are unusable.
+writing anything when the CSV lacks required columns or the arguments are unusable: ``--out``
+is checked before any file is decoded, and a store that another ``prepare`` is writing is refused
+(an exclusive lock, see `store_write_lock`). An interrupted run leaves the previous store, or none.
 
 ``rejects.json`` names source files by their site-local relative paths so they can be fixed; it is
 a local report, not part of the pseudonymised store (``index.json`` + ``pixels/``).
@@ -23,13 +31,19 @@ a local report, not part of the pseudonymised store (``index.json`` + ``pixels/`
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
+import signal
+import stat
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +57,14 @@ from pneumofed.common.data.dicom import DicomRejected, load_radiograph
 from pneumofed.common.data.store import (
     FORMAT_VERSION,
     INDEX_FILE,
+    LOCK_FILE,
     PIXELS_DIR,
     RoiIndex,
     RoiRecord,
+    StoreBusy,
     read_index,
     shard_path,
+    store_write_lock,
     write_index,
     write_shard,
 )
@@ -66,7 +83,9 @@ REQUIRED_COLUMNS = ("file", "patient_id", "x", "y", "width", "height", "finding"
 MIN_ROI_SIDE = 30  # source pixels; Dong et al. cut ROIs of at least 30 x 30
 DEFAULT_SECRET_PATH = Path("~/.config/pneumofed/site-secret")
 REJECTS_FILE = "rejects.json"
+CSV_DELIMITERS = (",", ";", "\t")  # comma first; Excel writes ';' where ',' is the decimal mark
 _SECRET_CHECK_MESSAGE = b"pneumofed/secret-check"
+_SHARD_NAME = re.compile(r"^[0-9a-f]{64}\.npy$")
 
 Box = tuple[int, int, int, int]
 
@@ -245,11 +264,39 @@ class Annotation:
     row: AnnotationRow
 
 
+def _csv_delimiter(header: str) -> str:
+    """The separator that splits the header line into all required columns; ',' when none does."""
+    for delimiter in CSV_DELIMITERS:
+        names = next(csv.reader([header], delimiter=delimiter), [])
+        if all(column in names for column in REQUIRED_COLUMNS):
+            return delimiter
+    return ","
+
+
+def _not_utf8(csv_path: Path, error: UnicodeDecodeError) -> PrepareInputError:
+    data = csv_path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        what = "is UTF-16 text (Excel's 'Unicode Text')"
+    else:
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as located:  # the reader's error counts bytes from its buffer, not the file
+            error = located
+        line = data.count(b"\n", 0, error.start) + 1
+        what = f"is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line})"
+    return PrepareInputError(
+        f"annotations {csv_path} {what}; save it as 'CSV UTF-8' or convert it, "
+        f"e.g. iconv -f WINDOWS-1252 -t UTF-8 {csv_path.name} > annotations-utf8.csv"
+    )
+
+
 def read_annotations(csv_path: Path) -> tuple[list[Annotation], list[Reject]]:
     """Valid rows with their CSV line numbers, and a ``bad-row`` reject for each malformed row."""
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            delimiter = _csv_delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter=delimiter)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise PrepareInputError(
@@ -268,7 +315,9 @@ def read_annotations(csv_path: Path) -> tuple[list[Annotation], list[Reject]]:
                 except ValidationError as error:
                     detail = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())
                     rejects.append(Reject(reason="bad-row", file=raw.get("file"), row=line, detail=detail))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
+        raise _not_utf8(csv_path, error) from error
+    except (OSError, csv.Error) as error:
         raise PrepareInputError(f"cannot read annotations {csv_path}: {error}") from error
     return annotations, rejects
 
@@ -335,16 +384,72 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _scan(dicom_dir: Path, out_dir: Path, secret_path: Path) -> dict[Path, str]:
-    """Resolved path -> path relative to dicom_dir, for every regular file but the store's and the secret."""
+def _scan(dicom_dir: Path, out_dir: Path, secret_path: Path) -> tuple[dict[Path, str], list[Reject]]:
+    """Resolved path -> path relative to dicom_dir, for every regular file but the store's and the
+    secret; and a reject for each entry the scan could not use (it goes on past all of them).
+
+    Links to files are followed (to their resolved path); links to folders are not, as before:
+    such a link may lead anywhere, back up the tree included, so following it could scan forever.
+    """
     out_dir = out_dir.resolve()
-    own = (out_dir / INDEX_FILE, out_dir / REJECTS_FILE, secret_path.expanduser().resolve())
+    own = {out_dir / INDEX_FILE, out_dir / REJECTS_FILE, out_dir / LOCK_FILE, secret_path.expanduser().resolve()}
+    pixels = out_dir / PIXELS_DIR
+    located: list[tuple[Path, Path]] = []  # (path as found, resolved path)
+    problems: list[Reject] = []
+
+    def problem(reason: str, path: Path, detail: str) -> None:
+        problems.append(Reject(reason=reason, file=path.relative_to(dicom_dir).as_posix(), detail=detail))
+
+    pending = [dicom_dir]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            problem("unreadable-folder", folder, f"cannot list the folder: {error.strerror or error}; its files are skipped")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    try:
+                        mode = os.stat(path).st_mode
+                    except OSError as error:
+                        if error.errno == errno.ELOOP:
+                            problem("symlink-loop", path, f"the link {os.readlink(path)!r} leads round in a loop")
+                        elif error.errno in (errno.ENOENT, errno.ENOTDIR):
+                            problem("broken-symlink", path, f"the link target {os.readlink(path)!r} does not exist")
+                        else:
+                            problem("unreadable", path, f"cannot follow the link: {error.strerror or error}")
+                        continue
+                    if stat.S_ISDIR(mode):
+                        target = _real_path(path)
+                        if _real_path(folder).is_relative_to(target):
+                            problem("symlink-loop", path, f"links back to {target}, a folder that contains it")
+                        else:
+                            problem("symlinked-folder", path, f"links to the folder {target}, which is not searched; "
+                                    "copy or mount its files into --dicom-dir, or prepare it as its own --dicom-dir")
+                        continue
+                    if stat.S_ISREG(mode):
+                        located.append((path, _real_path(path)))
+                elif entry.is_dir(follow_symlinks=False):
+                    if _real_path(path) != pixels:
+                        pending.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    located.append((path, _real_path(path)))
+            except OSError as error:  # an entry removed or made unreachable while scanning
+                problem("unreadable", path, f"{error.strerror or error}")
     found = {}
-    for path in sorted(dicom_dir.rglob("*")):
-        resolved = path.resolve()
-        if path.is_file() and resolved not in own and not resolved.is_relative_to(out_dir / PIXELS_DIR):
+    for path, resolved in sorted(located):
+        if resolved not in own and not resolved.is_relative_to(pixels):
             found[resolved] = path.relative_to(dicom_dir).as_posix()
-    return found
+    return found, sorted(problems, key=lambda r: r.file or "")
+
+
+def _real_path(path: Path) -> Path:
+    """`Path.resolve()` without its RuntimeError on a symlink loop (the loop is then left in the path)."""
+    return Path(os.path.realpath(path))
 
 
 def _previous_records(out_dir: Path, roi_size: int, spacing_mm: float | None, check: str) -> dict[str, list[RoiRecord]]:
@@ -381,10 +486,57 @@ def prepare_site(
         raise PrepareInputError(f"spacing must be positive, got {spacing_mm}")
     if not dicom_dir.is_dir():
         raise PrepareInputError(f"DICOM folder {dicom_dir} does not exist")
+    check_out_dir(out_dir)
     annotations, rejects = read_annotations(csv_path)
     secret = load_site_secret(secret_path)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(store_write_lock(out_dir))
+        except StoreBusy as busy:
+            raise PrepareInputError(str(busy)) from None
+        except OSError as error:
+            raise PrepareInputError(f"cannot lock the ROI store {out_dir}: {error}") from error
+        return _prepare_locked(dicom_dir, csv_path, out_dir, annotations, rejects, secret, label_map=label_map,
+                               class_names=class_names, roi_size=roi_size, spacing_mm=spacing_mm,
+                               secret_path=Path(secret_path or DEFAULT_SECRET_PATH), workers=workers)
 
-    files = _scan(dicom_dir, out_dir, Path(secret_path or DEFAULT_SECRET_PATH))
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before any work and without creating anything, an ``--out`` the store cannot be written to."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise PrepareInputError(f"--out {out_dir} is a broken symlink; name a folder for the ROI store")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise PrepareInputError(
+                f"--out {out_dir} is an existing file, not a folder; name a folder for the ROI store (created if missing)")
+        for name, is_dir in ((INDEX_FILE, False), (PIXELS_DIR, True), (REJECTS_FILE, False), (LOCK_FILE, False)):
+            entry = out_dir / name
+            if (entry.exists() or entry.is_symlink()) and entry.is_dir() != is_dir:
+                raise PrepareInputError(f"--out {out_dir} is not a ROI store: {entry} is {'not ' if is_dir else ''}a folder")
+    existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise PrepareInputError(f"--out {out_dir} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrepareInputError(f"--out {out_dir}: no permission to write in {existing}")
+
+
+def _prepare_locked(
+    dicom_dir: Path,
+    csv_path: Path,
+    out_dir: Path,
+    annotations: list[Annotation],
+    rejects: list[Reject],
+    secret: bytes,
+    *,
+    label_map: dict[str, int],
+    class_names: tuple[str, ...],
+    roi_size: int,
+    spacing_mm: float | None,
+    secret_path: Path,
+    workers: int | None,
+) -> PrepareReport:
+    files, scan_rejects = _scan(dicom_dir, out_dir, secret_path)
+    rejects += scan_rejects
     sources = _match(annotations, files, dicom_dir, csv_path.parent, label_map, rejects)
     previous = _previous_records(out_dir, roi_size, spacing_mm, secret_check(secret))
 
@@ -453,9 +605,15 @@ def _match(
         def reject(reason: str, detail: str, file: str = row.file) -> None:
             rejects.append(Reject(reason=reason, file=file, row=line, detail=detail))
 
-        path = next((p for p in ((csv_dir / row.file).resolve(), (dicom_dir / row.file).resolve()) if p in files), None)
+        candidates = (csv_dir / row.file, dicom_dir / row.file)
+        path = next((p for p in map(_real_path, candidates) if p in files), None)
         if path is None:
-            reject("missing-file", "no such file under --dicom-dir (looked relative to the CSV and to --dicom-dir)")
+            root = os.path.abspath(dicom_dir)
+            outside = [c for c in map(os.path.abspath, candidates) if os.path.commonpath([root, c]) != root]
+            if len(outside) == len(candidates) or any(map(os.path.exists, outside)):
+                reject("outside-dicom-dir", f"the path leads out of --dicom-dir {dicom_dir}; only files inside it are read")
+            else:
+                reject("missing-file", "no such file under --dicom-dir (looked relative to the CSV and to --dicom-dir)")
             continue
         rel = files[path]
         finding = normalise_finding(row.finding)
@@ -529,9 +687,48 @@ def _decode_all(sources: list[_Source], roi_size: int, spacing_mm: float | None,
         finally:
             torch.set_num_threads(threads)
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            cuts = list(pool.map(cut_rois, *zip(*jobs), chunksize=4))
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+        try:
+            with _sigint_blocked():  # the workers start (forked in the first submit) with SIGINT blocked
+                results = pool.map(cut_rois, *zip(*jobs), chunksize=4)
+            cuts = list(results)
+        except BaseException:  # Ctrl-C above all: stop now, not after the files already queued
+            _stop_workers(pool)
+            raise
+        pool.shutdown()
     return {s.sha256: cut for s, cut in zip(sources, cuts, strict=True)}
+
+
+def _init_worker() -> None:
+    # Ctrl-C in a terminal signals the whole process group. Only the parent reacts (it stops the
+    # workers); a worker interrupted in the middle of its queue would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Hold back SIGINT meanwhile (a worker forked now inherits the mask until its initializer
+    ignores the signal); one that arrived is delivered on leaving, so no Ctrl-C is lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down without running the files still queued: its workers are terminated.
+
+    ProcessPoolExecutor offers no terminate before Python 3.14, hence its private process table.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=not processes, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 def _store_cut(
@@ -575,6 +772,6 @@ def _store_cut(
 
 
 def _remove_orphan_shards(out_dir: Path, referenced: set[str]) -> None:
-    for path in (out_dir / PIXELS_DIR).glob("*"):
-        if path.is_file() and path.stem not in referenced:
+    for path in (out_dir / PIXELS_DIR).glob("*"):  # only shard names: never a file someone else put there
+        if _SHARD_NAME.match(path.name) and path.is_file() and path.stem not in referenced:
             path.unlink()

@@ -4,6 +4,7 @@ Layout of a store folder (written by ``pneumofed prepare``)::
 
     index.json               RoiIndex: settings, class names, one RoiRecord per ROI
     pixels/<sha256>.npy      uint8 (k, S, S): the k ROIs cut from the source file with that SHA-256
+    .prepare.lock            only while a writer runs: its exclusive flock (see `store_write_lock`)
 
 The store is pseudonymous: a record knows its source only by content hash and its patient only by
 an HMAC of the PatientID under a secret that never leaves the site. It holds no names, dates,
@@ -12,9 +13,13 @@ accession numbers, institution names, UIDs or file names.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from pneumofed.common.files import atomic_write
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 PIXELS_DIR = "pixels"
+LOCK_FILE = ".prepare.lock"
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -88,6 +94,55 @@ def write_shard(store_dir: Path, source_sha256: str, rois: np.ndarray) -> None:
 
 def write_index(store_dir: Path, index: RoiIndex) -> None:
     atomic_write(store_dir / INDEX_FILE, index.model_dump_json(indent=1))
+
+
+class StoreBusy(RuntimeError):
+    """Another process holds the store's writer lock."""
+
+
+@contextmanager
+def store_write_lock(store_dir: str | Path) -> Iterator[Path]:
+    """Hold the exclusive writer lock of the store in `store_dir` (created if missing) while the block runs.
+
+    Non-blocking: raises `StoreBusy` at once when another writer holds it, so two `pneumofed prepare`
+    runs can never interleave their shards and indexes (the later index would silently drop the
+    earlier run's ROIs). The lock is an `flock` on `store_dir/.prepare.lock`, released by the kernel
+    when its holder dies, so a crashed run never blocks the next one. The file is removed on release
+    (while still locked), so a finished store holds only its index and shards; a run that opened
+    the file just before it was removed notices it locked an unlinked file and starts over.
+    """
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    path = store_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreBusy(
+                    f"ROI store {store_dir} is being written by another `pneumofed prepare` (it holds {path}); "
+                    "wait for that run to finish, then run again"
+                ) from None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: lock the current file
+    try:
+        yield path
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def read_index(store_dir: Path) -> RoiIndex:
