@@ -519,14 +519,15 @@ def _common_settings(config: ExperimentConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ tables and curves
 
 
-def _mean_sd_ci(values: list[float]) -> tuple[float, float | None, tuple[float, float] | None]:
-    """Mean, sample sd and the t-based 95 % CI of the mean (None with fewer than two values)."""
+def _mean_sd_ci(values: list[float], bounds: tuple[float, float]) -> tuple[float, float | None, tuple[float, float] | None]:
+    """Mean, sample sd and the t-based 95 % CI of the mean, clipped to `bounds` (the quantity's
+    range); sd and CI are None with fewer than two values."""
     mean = float(np.mean(values))
     if len(values) < 2:
         return mean, None, None
     sd = float(np.std(values, ddof=1))
     half = float(stats.t.ppf(0.975, len(values) - 1)) * sd / np.sqrt(len(values))
-    return mean, sd, (mean - half, mean + half)
+    return mean, sd, (max(bounds[0], mean - half), min(bounds[1], mean + half))
 
 
 def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
@@ -545,10 +546,10 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
     rows = []
     for (group, kind, name), by_seed in arms.items():
         pooled = arms.get((group, "pooled", "pooled"), {})
-        auc = _mean_sd_ci([s["macro_auc"] for s in by_seed.values()])
-        recall = _mean_sd_ci([s["macro_recall"] for s in by_seed.values()])
+        auc = _mean_sd_ci([s["macro_auc"] for s in by_seed.values()], (0.0, 1.0))
+        recall = _mean_sd_ci([s["macro_recall"] for s in by_seed.values()], (0.0, 1.0))
         paired = [by_seed[seed]["macro_auc"] - pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
-        difference = _mean_sd_ci(paired) if paired and kind != "pooled" else None
+        difference = _mean_sd_ci(paired, (-1.0, 1.0)) if paired and kind != "pooled" else None
         ratio = [by_seed[seed]["macro_auc"] / pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
         rows.append({
             "group": group, "arm": kind, "name": name, "seeds": len(by_seed),
@@ -557,6 +558,11 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
             "macro auc ci-low": None if auc[2] is None else auc[2][0],
             "macro auc ci-high": None if auc[2] is None else auc[2][1],
             "macro recall mean": recall[0], "macro recall sd": recall[1],
+            # Each seed's own bootstrap CI over its test ROIs: the resolution of a single run.
+            "per-seed bootstrap ci": "; ".join(
+                f"{seed}: [{s['macro-auc-ci'][0]:.3f}, {s['macro-auc-ci'][1]:.3f}]"
+                for seed, s in sorted(by_seed.items()) if s.get("macro-auc-ci")
+            ),
             "auc / pooled": float(np.mean(ratio)) if ratio else None,
             "auc - pooled": None if difference is None else difference[0],
             "auc - pooled ci-low": None if difference is None or difference[2] is None else difference[2][0],
@@ -573,18 +579,19 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
         return "–" if low is None else f"[{low:.3f}, {high:.3f}]"
 
     lines = [f"# Experiment `{config.name}`: {len(per_seed)} seed(s) ({', '.join(map(str, per_seed))})", "",
-             "Per arm over seeds: mean ± sd, and the t-based 95 % CI of the mean. 'AUC − pooled' is paired by seed "
-             "(the same data and test ROIs); a CI that contains 0 resolves no difference.", ""]
+             "Per arm over seeds: macro AUC mean ± sd and the t-based 95 % CI of the mean; each seed's own "
+             "bootstrap 95 % CI over its test ROIs beside it. 'AUC − pooled' is paired by seed (the same data and "
+             "test ROIs); a CI that contains 0 resolves no difference.", ""]
     for group in dict.fromkeys(row["group"] for row in rows):
-        lines += [f"## `{group}`", "", "| arm | name | seeds | test ROIs | macro AUC | 95 % CI | macro recall | "
-                  "AUC / pooled | AUC − pooled [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## `{group}`", "", "| arm | name | seeds | test ROIs | macro AUC | 95 % CI | per-seed bootstrap "
+                  "95 % CI | macro recall | AUC / pooled | AUC − pooled [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["group"] == group):
             ratio = "–" if row["auc / pooled"] is None else f"{row['auc / pooled']:.3f}"
             difference = "–" if row["auc - pooled"] is None else (
                 f"{row['auc - pooled']:+.3f} {interval(row['auc - pooled ci-low'], row['auc - pooled ci-high'])}")
             lines.append(f"| {row['arm']} | {row['name']} | {row['seeds']} | {row['test-rois']} | "
                          f"{cell(row['macro auc mean'], row['macro auc sd'])} | "
-                         f"{interval(row['macro auc ci-low'], row['macro auc ci-high'])} | "
+                         f"{interval(row['macro auc ci-low'], row['macro auc ci-high'])} | {row['per-seed bootstrap ci']} | "
                          f"{cell(row['macro recall mean'], row['macro recall sd'])} | {ratio} | {difference} |")
         lines.append("")
     atomic_write(out / "summary.md", "\n".join(lines))
