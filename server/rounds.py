@@ -25,6 +25,7 @@ from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
 from pneumofed.common.learning.batchnorm import batchnorm_names
+from pneumofed.common.learning.modelfile import load_model_file, require_compatible
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.strategy import SERVER_OPTIMISERS, build_strategy, optimiser_state, restore_optimiser_state
 from pneumofed.server.validation import evaluation_problem, outlying_norms, update_norm, update_problem
@@ -43,9 +44,22 @@ class TrainRound:
 
 
 def initial_arrays(config: FederatedConfig) -> ArrayRecord:
-    """The seeded random initialisation every site starts from (its exchanged part)."""
+    """The global model every site starts from (its exchanged part): the model file `init-model`
+    when set, after checking that it was built as the run builds its model, else the seeded random
+    initialisation. Only a fresh run asks for it: a resumed run continues from its checkpoint."""
     torch.manual_seed(config.seed)
-    return ArrayRecord(exchanged_state(config.build_model(), config.bn_mode))
+    if not config.init_model:
+        return ArrayRecord(exchanged_state(config.build_model(), config.bn_mode))
+    model, card = load_model_file(config.init_model)
+    require_compatible(
+        card, f"init-model {config.init_model}",
+        model=config.model, width=config.model_width, class_names=config.classes, roi_size=config.roi_size,
+        fixes={"model": "set model={file}", "width": "set model-width={file}",
+               "class_names": "set class-names={file} and prepare the sites with these classes",
+               "roi_size": "set roi-size={file} and prepare the sites with --roi-size {file}"},
+    )
+    log.info("starting from the model file %s (%s)", config.init_model, card.provenance or "no provenance")
+    return ArrayRecord(exchanged_state(model, config.bn_mode))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="grow each training part offline to N augmented ROIs first (the seed: 520 -> 12,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--init", type=Path, default=None, metavar="MODEL_FILE",
+                        help="start from this pneumofed model file instead of a random initialisation "
+                             "(its model, width, classes and ROI size must match)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             expand=args.expand,
             split_seed=args.seed,
             bootstrap=args.bootstrap,
+            init=args.init,
         )
         result = train_centralised(args.store, settings)
     except ValidationError as error:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from pneumofed.common.federation.exchange import BatchNormMode
@@ -61,6 +61,9 @@ class FederatedConfig(BaseModel):
     seed: int = 0
     sites: str = ""
     run_dir: str = Field("", alias="run-dir")
+    # A pneumofed model file the first global model is taken from ("" = seeded random initialisation);
+    # its card must match model, model-width, class-names and roi-size. A resumed run ignores it.
+    init_model: str = Field("", alias="init-model")
     resume: bool = False
     round_timeout: float = Field(3600.0, gt=0, alias="round-timeout")
 
@@ -71,13 +74,13 @@ class FederatedConfig(BaseModel):
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
         return name
 
-    @field_validator("run_dir")
+    @field_validator("run_dir", "init_model")
     @classmethod
-    def _absolute_run_dir(cls, run_dir: str) -> str:
+    def _absolute_path(cls, path: str, info: ValidationInfo) -> str:
         # Each Flower message may run in a fresh process with another working directory.
-        if run_dir and not Path(run_dir).is_absolute():
-            raise ValueError(f"run-dir must be an absolute path, got {run_dir!r}")
-        return run_dir
+        if path and not Path(path).is_absolute():
+            raise ValueError(f"{info.field_name.replace('_', '-')} must be an absolute path, got {path!r}")
+        return path
 
     @model_validator(mode="after")
     def _sites_are_absolute(self) -> FederatedConfig:

@@ -48,8 +48,9 @@ from pneumofed.common.learning.evaluation import (
     summarise,
     write_summary,
 )
-from pneumofed.common.learning.modelfile import ModelCard, save_model_file
+from pneumofed.common.learning.modelfile import ModelCard, load_model_file, require_compatible, save_model_file
 from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.state import floating_state, load_floating_state
 from pneumofed.common.learning.training import (
     TrainConfig,
     TrainHistory,
@@ -81,6 +82,9 @@ class CentralisedSettings(BaseModel):
     expand: int | None = Field(None, ge=1)
     split_seed: int = Field(0, ge=0)
     bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=1)
+    # A pneumofed model file every model (every fold's) starts from instead of a seeded random
+    # initialisation; its card must match model, width and the stores' classes and ROI size.
+    init: Path | None = None
 
     @model_validator(mode="after")
     def _buildable(self) -> CentralisedSettings:
@@ -119,11 +123,12 @@ class CentralisedResult:
 def train_centralised(stores: list[Path], settings: CentralisedSettings) -> CentralisedResult:
     """Train on the pooled stores with the settings' protocol and write the outputs to ``settings.out_dir``."""
     data = pool_stores(stores)
+    start = _starting_state(data, settings)  # checked before any training
     labels, patients = data.labels.numpy(), data.site_patient_keys
     out = settings.out_dir
     if settings.folds is None:
         parts = train_val_test_split(labels, patients, HOLDOUT_FRACTIONS, seed=settings.split_seed)
-        fold = _train_one(data, parts, settings, out, title="centralised")
+        fold = _train_one(data, parts, settings, out, title="centralised", start=start)
         return CentralisedResult(out, [fold], fold.test)
 
     results = []
@@ -135,7 +140,7 @@ def train_centralised(stores: list[Path], settings: CentralisedSettings) -> Cent
         )
         parts = (train_part[inner_train], train_part[inner_val], test_part)
         title = f"centralised, fold {number} of {settings.folds}"
-        results.append(_train_one(data, parts, settings, out / f"fold-{number:02d}", title=title))
+        results.append(_train_one(data, parts, settings, out / f"fold-{number:02d}", title=title, start=start))
     summary = _cross_validation_summary(results)
     write_json(out / "cv_summary.json", summary)
     return CentralisedResult(out, results, summary)
@@ -177,12 +182,29 @@ def train_keeping_best_epoch(
     return history, best["epoch"]
 
 
+def _starting_state(data: PooledRois, settings: CentralisedSettings) -> dict[str, Tensor] | None:
+    """The floating state of `settings.init` once it is known to fit the settings and the pooled
+    stores; None for a seeded random initialisation."""
+    if settings.init is None:
+        return None
+    model, card = load_model_file(settings.init)
+    require_compatible(
+        card, f"--init {settings.init}",
+        model=settings.model, width=settings.width, class_names=data.class_names, roi_size=data.roi_size,
+        fixes={"model": "use --model {file}", "width": "use --width {file}",
+               "class_names": "train on stores prepared with the classes {file}",
+               "roi_size": "train on stores prepared with --roi-size {file}"},
+    )
+    return floating_state(model)
+
+
 def _train_one(
     data: PooledRois,
     parts: tuple[np.ndarray, np.ndarray, np.ndarray],
     settings: CentralisedSettings,
     out: Path,
     title: str,
+    start: dict[str, Tensor] | None = None,
 ) -> FoldResult:
     train_idx, val_idx, test_idx = parts
     for name, part in zip(("train", "val", "test"), parts, strict=True):
@@ -195,6 +217,8 @@ def _train_one(
         train_set = expanded(train_set, settings.expand, settings.augmentation or DEFAULT_AUGMENTATION, settings.training.seed)
     seed_everything(settings.training.seed)  # weight initialisation repeats with the seed
     model = build_model(settings.model, len(data.class_names), width=settings.width)
+    if start is not None:
+        load_floating_state(model, start)
     augment = None if settings.augmentation is None else build_augmentation(settings.augmentation)
 
     history, best_epoch = train_keeping_best_epoch(
@@ -212,6 +236,7 @@ def _train_one(
             "epoch": best_epoch,
             "val_macro_auc": history[best_epoch - 1]["val auc"],
             "seed": settings.training.seed,
+            "init": None if settings.init is None else str(settings.init),
         },
     )
     model_path = save_model_file(out / "model.pt", model, card)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -51,3 +52,45 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     model = build_model(card.model, len(card.class_names), in_channels=card.in_channels, width=card.width)
     load_floating_state(model, payload["state"])
     return model.to(device).eval(), card
+
+
+class IncompatibleModelFile(ValueError):
+    """A model file built for another architecture, width, class list or ROI size than its user."""
+
+
+def require_compatible(
+    card: ModelCard,
+    source: str | Path,
+    *,
+    model: str,
+    width: float,
+    class_names: Sequence[str],
+    roi_size: int,
+    fixes: Mapping[str, str],
+    in_channels: int = 1,
+) -> None:
+    """Raise `IncompatibleModelFile` unless `card` was built exactly as its user builds its model:
+    same model name, width, input channels, class names in the same order and ROI size.
+
+    The one rule for starting training from a model file (federated `init-model`, `train --init`).
+    `fixes` says, per setting (`model`, `width`, `class_names`, `roi_size`, `in_channels`), how the
+    user changes theirs to the file's; ``{file}`` in it is replaced by the file's value.
+    """
+    wanted = {"model": model, "width": float(width), "in_channels": in_channels,
+              "class_names": list(class_names), "roi_size": roi_size}
+    labels = {"model": "model", "width": "width", "in_channels": "input channels",
+              "class_names": "classes (names in order)", "roi_size": "ROI size (px)"}
+    differences = []
+    for name, value in wanted.items():
+        held = getattr(card, name)
+        if held != value:
+            rendered = ",".join(held) if name == "class_names" else held
+            fix = fixes.get(name)
+            differences.append(
+                f"{labels[name]}: {held!r} in the file, {value!r} here" + (f" ({fix.format(file=rendered)})" if fix else "")
+            )
+    if differences:
+        raise IncompatibleModelFile(
+            f"{source} does not fit this model: " + "; ".join(differences)
+            + ". Change these settings to the file's, or start from a model file trained with yours."
+        )
