@@ -202,3 +202,82 @@ def test_calibrate_bn_scores_with_batchnorm_statistics_fitted_to_the_evaluated_r
     assert calibrated["calibrated-bn"] and not plain["calibrated-bn"]
     assert calibrated["accuracy"] == pytest.approx(expected.accuracy)
     assert calibrated["eval-loss"] != pytest.approx(plain["eval-loss"])
+
+
+# ---------------------------------------------------------------- DeLong CIs beside the bootstrap ones
+
+
+def _scores_with_rare_and_absent_classes() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """4 classes: two common ones, one with a single positive, one absent from the labels."""
+    rng = np.random.default_rng(31)
+    y = np.concatenate([rng.integers(0, 2, size=59), [2]])
+    logits = rng.normal(size=(60, 4)) + 1.5 * np.eye(4)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, probs, ["common-a", "common-b", "rare", "absent"]
+
+
+def test_summarise_adds_per_class_delong_cis_and_keeps_the_bootstrap_summary_unchanged():
+    from pneumofed.common.learning.evaluation import summarise
+    from pneumofed.common.metrics.delong import delong_auc_ci
+    from pneumofed.common.metrics.intervals import bootstrap_auc_ci, bootstrap_macro_auc_ci
+
+    y, probs, names = _scores_with_rare_and_absent_classes()
+    summary, report = summarise(y, probs, names, loss=0.5, n_boot=BOOTSTRAP, seed=4)
+
+    assert set(summary) == {
+        "eval-loss", "num-examples", *report.model_dump(exclude={"per_class": {"__all__": {"roc"}}}),
+        "auc-ci", "macro-auc-ci", "auc-ci-delong", "bootstrap",
+    }
+    assert summary["auc-ci"] == {
+        "common-a": list(bootstrap_auc_ci(y, probs, 0, BOOTSTRAP, 4)),
+        "common-b": list(bootstrap_auc_ci(y, probs, 1, BOOTSTRAP, 4)),
+        "rare": list(bootstrap_auc_ci(y, probs, 2, BOOTSTRAP, 4)),
+        "absent": None,
+    }
+    assert summary["macro-auc-ci"] == list(bootstrap_macro_auc_ci(y, probs, BOOTSTRAP, 4))
+    assert summary["bootstrap"] == {"resamples": BOOTSTRAP, "seed": 4, "confidence": 0.95}
+
+    # DeLong needs 2 positives: the single-positive class has a bootstrap CI but no DeLong CI.
+    assert summary["auc-ci-delong"] == {
+        "common-a": list(delong_auc_ci(y, probs, 0).ci),
+        "common-b": list(delong_auc_ci(y, probs, 1).ci),
+        "rare": None,
+        "absent": None,
+    }
+    for k in (0, 1):
+        low, high = summary["auc-ci-delong"][names[k]]
+        assert low < report.per_class[k].auc < high
+    assert json.loads(json.dumps(summary)) == summary
+
+
+def test_evaluate_table_shows_the_delong_ci_beside_the_bootstrap_ci():
+    from pneumofed.common.cli.evaluate import format_table
+    from pneumofed.common.learning.evaluation import summarise
+
+    y, probs, names = _scores_with_rare_and_absent_classes()
+    summary, _ = summarise(y, probs, names, n_boot=BOOTSTRAP)
+    lines = format_table(summary).splitlines()
+
+    assert "95% CI bootstrap" in lines[1] and lines[1].endswith("95% CI DeLong")
+    delong_column = lines[1].index("95% CI DeLong")
+    rows = {line.split()[0]: line for line in lines[2:]}
+    for name in ("common-a", "common-b"):
+        boot, delong = summary["auc-ci"][name], summary["auc-ci-delong"][name]
+        row = rows[name]
+        assert f"[{boot[0]:.3f}, {boot[1]:.3f}]" in row[:delong_column]
+        assert row[delong_column:] == f"[{delong[0]:.3f}, {delong[1]:.3f}]"
+    rare_boot = summary["auc-ci"]["rare"]
+    assert rows["rare"].endswith(f"[{rare_boot[0]:.3f}, {rare_boot[1]:.3f}]")  # no DeLong CI to show
+    macro = summary["macro-auc-ci"]
+    assert rows["macro"].endswith(f"[{macro[0]:.3f}, {macro[1]:.3f}]")
+
+
+def test_evaluate_on_store_writes_delong_cis_of_the_models_scores(store, model_file, tmp_path):
+    from pneumofed.common.metrics.delong import delong_auc_ci
+
+    summary = evaluate_model_file(model_file, store, out_dir=tmp_path, device="cpu", n_boot=BOOTSTRAP)
+    roi_store = RoiStore.open(store)
+    labels, reference = roi_store.labels.numpy(), softmax_on(model_file, roi_store.images)
+    for k, name in enumerate(roi_store.class_names):
+        assert summary["auc-ci-delong"][name] == pytest.approx(list(delong_auc_ci(labels, reference, k).ci), abs=1e-6)
+    assert json.loads((tmp_path / "metrics.json").read_text())["auc-ci-delong"] == summary["auc-ci-delong"]

@@ -16,24 +16,28 @@ from pneumofed.common.learning.evaluation import (
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """Per-class and macro metrics, with the AUC's bootstrap and DeLong 95 % CIs side by side."""
+
     def number(value: float | None) -> str:
         return "   -  " if value is None else f"{value:6.3f}"
 
     def ci(bounds: list[float] | None) -> str:
-        return "" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+        return "" if bounds is None else f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
+    delong = summary.get("auc-ci-delong", {})  # per class; the macro AUC has none
     lines = [
         f"{summary['num-examples']} ROIs, accuracy {summary['accuracy']:.3f}",
-        f"{'class':<18}{'n':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'AUC':>6} 95% CI",
+        f"{'class':<18}{'n':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'AUC':>6} {'95% CI bootstrap':<16}  95% CI DeLong",
     ]
     for c in summary["per_class"]:
         lines.append(
             f"{c['name']:<18}{c['support']:>6} {number(c['precision'])} {number(c['recall'])} "
-            f"{number(c['f1'])} {number(c['auc'])}{ci(summary['auc-ci'][c['name']])}"
+            f"{number(c['f1'])} {number(c['auc'])} {ci(summary['auc-ci'][c['name']]):<16}  "
+            f"{ci(delong.get(c['name']))}".rstrip()
         )
     lines.append(
         f"{'macro':<18}{'':>6} {number(summary['macro_precision'])} {number(summary['macro_recall'])} "
-        f"{number(summary['macro_f1'])} {number(summary['macro_auc'])}{ci(summary['macro-auc-ci'])}"
+        f"{number(summary['macro_f1'])} {number(summary['macro_auc'])} {ci(summary['macro-auc-ci'])}".rstrip()
     )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from pneumofed.common.files import write_json
 from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
 from pneumofed.common.learning.modelfile import ModelCard, load_model_file
 from pneumofed.common.learning.training import TrainConfig, evaluate, select_device
+from pneumofed.common.metrics.delong import delong_auc_ci
 from pneumofed.common.metrics.intervals import bootstrap_auc_ci, bootstrap_macro_auc_ci
 from pneumofed.common.metrics.plots import plot_confusion, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, classification_report
@@ -51,6 +52,12 @@ def summarise(
 ) -> tuple[dict[str, Any], ClassificationReport]:
     """JSON-able metrics with 95 % AUC CIs (keys as in a federated run's ``final.json``), and the report.
 
+    ``auc-ci`` and ``macro-auc-ci`` are percentile-bootstrap CIs; ``auc-ci-delong`` holds each class's
+    DeLong CI (normal approximation, clipped to [0, 1]; None where the class has fewer than 2
+    positives or negatives). There is no DeLong CI of the macro AUC: it would need covariances
+    between AUCs that split the cases into positives and negatives differently, which DeLong's
+    two-sample formula does not give.
+
     ROC curves stay out of the JSON (they are plotted from the report).
     """
     report = classification_report(labels, probs, class_names)
@@ -59,12 +66,19 @@ def summarise(
         for k, metrics in enumerate(report.per_class)
     }
     macro_ci = None if report.macro_auc is None else list(bootstrap_macro_auc_ci(labels, probs, n_boot, seed))
+    delong_ci = {  # DeLong's variance needs at least 2 positives and 2 negatives
+        metrics.name: list(delong_auc_ci(labels, probs, k).ci)
+        if metrics.auc is not None and min(metrics.support, report.num_samples - metrics.support) >= 2
+        else None
+        for k, metrics in enumerate(report.per_class)
+    }
     summary = {
         "eval-loss": loss,
         "num-examples": len(labels),
         **report.model_dump(mode="json", exclude={"per_class": {"__all__": {"roc"}}}),
         "auc-ci": auc_ci,
         "macro-auc-ci": macro_ci,
+        "auc-ci-delong": delong_ci,
         "bootstrap": {"resamples": n_boot, "seed": seed, "confidence": 0.95},
     }
     return summary, report
