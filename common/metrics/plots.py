@@ -20,8 +20,10 @@ def plot_curves(path: Path, x: Sequence[int], series: Mapping[str, Sequence[floa
     for axis, panel in zip(axes[0], panels, strict=True):
         for name, values in series.items():
             if name.split(" ")[-1] == panel:
-                ys = [np.nan if v is None else v for v in values]
-                axis.plot(list(x), ys, marker="o", label=name)
+                # Points without a value are left out rather than breaking the line (federated arms
+                # have a value once per round, i.e. every `local-epochs` epochs).
+                points = [(xi, v) for xi, v in zip(x, values, strict=True) if v is not None]
+                axis.plot([xi for xi, _ in points], [v for _, v in points], marker="o", label=name)
         axis.set_xlabel(xlabel)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(panel)
