@@ -149,7 +149,7 @@ def workers(pid: int) -> int:
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
                     reason="needs Linux /proc/<pid>/task/<tid>/children to see the decoding workers")
-def test_ctrl_c_while_decoding_prints_one_line_exits_130_and_keeps_the_store(tmp_path: Path) -> None:
+def test_ctrl_c_during_prepare_prints_one_line_exits_130_and_keeps_the_store(tmp_path: Path) -> None:
     from pneumofed.common.data.synth import write_hospitals
 
     hospital = write_hospitals(tmp_path / "sites", n_hospitals=1, rois_per_hospital=30, seed=3)[0]
@@ -173,8 +173,7 @@ def test_ctrl_c_while_decoding_prints_one_line_exits_130_and_keeps_the_store(tmp
         while workers(run.pid) < 2:  # the two decoding workers exist: decoding has started
             assert run.poll() is None and time.monotonic() < deadline, "prepare ended before it was interrupted"
             time.sleep(0.01)
-        time.sleep(0.3)
-        os.killpg(run.pid, signal.SIGINT)
+        os.killpg(run.pid, signal.SIGINT)  # while decoding, or (a fast machine) while storing: both keep the store
         out, err = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
@@ -184,6 +183,33 @@ def test_ctrl_c_while_decoding_prints_one_line_exits_130_and_keeps_the_store(tmp
     assert file_states(store / INDEX_FILE, store / "pixels") == before
     assert len(RoiStore.open(store)) == first.rois
     assert sorted(p.name for p in store.iterdir()) == ["index.json", "pixels", "rejects.json"]  # no lock, no temp file
+
+
+def test_an_interrupt_while_storing_shards_leaves_no_shard_the_index_does_not_name(tmp_path: Path, monkeypatch) -> None:
+    from pneumofed.common.data.synth import write_hospitals
+
+    hospital = write_hospitals(tmp_path / "sites", n_hospitals=1, rois_per_hospital=12, seed=3)[0]
+    with (hospital / "annotations.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    (hospital / "first.csv").write_text("\n".join(",".join(row) for row in rows[:3]) + "\n")
+    store, secret = tmp_path / "store", tmp_path / "key"
+    first = prepare.prepare_site(hospital / "dicom", hospital / "first.csv", store, secret_path=secret, workers=1)
+    before = file_states(store / INDEX_FILE, store / "pixels")
+
+    real_write_shard, written = prepare.write_shard, []
+
+    def interrupted_after_two(*args, **kwargs) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_write_shard(*args, **kwargs)
+        written.append(args[1])
+
+    monkeypatch.setattr(prepare, "write_shard", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_site(hospital / "dicom", hospital / "annotations.csv", store, secret_path=secret, workers=1)
+    assert len(written) == 2  # two new shards had been stored when the interrupt came
+    assert file_states(store / INDEX_FILE, store / "pixels") == before
+    assert len(RoiStore.open(store)) == first.rois
 
 
 # ---------------------------------------------------------------------------------------------

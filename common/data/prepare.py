@@ -555,21 +555,25 @@ def _prepare_locked(
         # an interrupted run leaves "no store" (rebuilt by the next run), never a mismatched one.
         (out_dir / INDEX_FILE).unlink(missing_ok=True)
     records: list[RoiRecord] = []
-    for source in sorted(sources.values(), key=lambda s: s.sha256):
-        if source.sha256 in reused:
-            records += _relabel(reused[source.sha256], source, label_map)
-        elif source.sha256 in cuts:
-            records += _store_cut(out_dir, source, cuts[source.sha256], label_map, secret, rejects)
-
-    index = RoiIndex(
-        format_version=FORMAT_VERSION,
-        roi_size=roi_size,
-        spacing_mm=spacing_mm,
-        class_names=class_names,
-        secret_check=secret_check(secret),
-        records=tuple(records),
-    )
-    write_index(out_dir, index)
+    try:
+        for source in sorted(sources.values(), key=lambda s: s.sha256):
+            if source.sha256 in reused:
+                records += _relabel(reused[source.sha256], source, label_map)
+            elif source.sha256 in cuts:
+                records += _store_cut(out_dir, source, cuts[source.sha256], label_map, secret, rejects)
+        write_index(out_dir, RoiIndex(
+            format_version=FORMAT_VERSION,
+            roi_size=roi_size,
+            spacing_mm=spacing_mm,
+            class_names=class_names,
+            secret_check=secret_check(secret),
+            records=tuple(records),
+        ))
+    except BaseException:  # Ctrl-C or a full disk while storing: leave no shard that no index names
+        for source in to_decode:
+            if source.sha256 not in previous:
+                shard_path(out_dir, source.sha256).unlink(missing_ok=True)
+        raise
     _remove_orphan_shards(out_dir, {r.source_sha256 for r in records})
 
     annotated = {s.rel for s in sources.values()} | {r.file for r in rejects if r.file}
