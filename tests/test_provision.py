@@ -136,7 +136,7 @@ def test_coordinator_kit_connection_proxy_and_superlink_command(provisioned: Pat
     assert connection["default"] == "cwp-study"
     assert connection["cwp-study"] == {"address": "127.0.0.1:9093", "root-certificates": str(kit / "ca.crt")}
     superlink = (kit / "start-superlink.sh").read_text()
-    for flag in ("--host 127.0.0.1", "--port 9093", "--enable-supernode-auth", "--database",
+    for flag in ("--host 127.0.0.1", "--port 9093", "--enable-supernode-auth", "--database :flwr-in-memory:",
                  "--disable-runtime-dependency-installation", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"):
         assert flag in superlink
     nginx = (kit / "nginx.conf").read_text()
