@@ -13,6 +13,7 @@ from pneumofed.common.learning.evaluation import (
     evaluate_dicom_folder,
     evaluate_model_file,
 )
+from pneumofed.common.learning.heatmap import prepare_heatmap_dir, write_store_heatmaps
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -57,6 +58,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="fit BatchNorm statistics to these ROIs first (for a model trained with bn-mode fedbn)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
+    parser.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                        help="also write a Grad-CAM heatmap PNG of the predicted class per evaluated ROI, "
+                             "DIR/<roi_id>.png (needs --store)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,17 +71,27 @@ def run(args: argparse.Namespace) -> int:
         if args.store is not None:
             if args.annotations is not None:
                 raise ValueError("--annotations goes with --dicom-dir, not with --store")
+            if args.heatmaps is not None:
+                prepare_heatmap_dir(args.heatmaps)  # a bad folder fails now, not after the evaluation
             summary = evaluate_model_file(args.model, args.store, part=args.part, split_seed=args.split_seed, **options)
+            if args.heatmaps is not None:
+                heatmaps = write_store_heatmaps(args.model, args.store, args.heatmaps, part=args.part,
+                                                split_seed=args.split_seed, device=args.device,
+                                                batch_size=args.batch_size, calibrate_bn=args.calibrate_bn)
         else:
             if args.annotations is None:
                 raise ValueError("--dicom-dir needs --annotations")
             if args.part != "all":
                 raise ValueError("--part needs --store: a DICOM folder is evaluated whole")
+            if args.heatmaps is not None:
+                raise ValueError("--heatmaps needs --store: the ROIs of a DICOM folder are not kept")
             summary = evaluate_dicom_folder(args.model, args.dicom_dir, args.annotations, **options)
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # PrepareInputError is a ValueError
         print(f"pneumofed evaluate: error: {error}", file=sys.stderr)
         return 2
     print(format_table(summary))
     print(f"written to {out}")
+    if args.heatmaps is not None:
+        print(f"{len(heatmaps)} heatmaps written to {args.heatmaps}")
     return 0
 

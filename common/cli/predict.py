@@ -28,11 +28,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=parse_box, default=None,
                         help=f"x,y,w,h in stored pixels, each side >= {MIN_ROI_SIDE} (default: the whole image)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--heatmap", type=Path, default=None, metavar="OUT.png",
+                        help="also write the Grad-CAM heatmap of the predicted class on the ROI to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = predict(args.model, args.dicom, args.box, device=args.device)
+        result = predict(args.model, args.dicom, args.box, device=args.device, heatmap=args.heatmap)
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # PredictionError is a ValueError
         print(f"pneumofed predict: error: {error}", file=sys.stderr)
         return 2

@@ -102,6 +102,22 @@ def write_summary(
     return outputs
 
 
+def evaluated_part(store: str | Path, card: ModelCard, part: str, split_seed: int) -> RoiDataset:
+    """The ROIs of `store` that `part` names: all of them, or its patient-grouped 70/20/10 part
+    exactly as federated sites split it (``load_site`` with ``split_seed``)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; expected one of {', '.join(PARTS)}")
+    required = store_requirements(card)
+    if part == "all":
+        (opened,) = open_stores([store], required)
+        dataset = RoiDataset(opened)
+    else:
+        dataset = load_site(Path(store).resolve(), split_seed, required).part(part)
+    if len(dataset) == 0:
+        raise ValueError(f"the {part} part of {store} holds no ROIs")
+    return dataset
+
+
 def evaluate_model_file(
     model_path: str | Path,
     store: str | Path,
@@ -131,14 +147,7 @@ def evaluate_model_file(
         raise ValueError(f"unknown part {part!r}; expected one of {', '.join(PARTS)}")
     model_path = Path(model_path)
     model, card = load_model_file(model_path)
-    required = store_requirements(card)
-    if part == "all":
-        (opened,) = open_stores([store], required)
-        dataset = RoiDataset(opened)
-    else:
-        dataset = load_site(Path(store).resolve(), split_seed, required).part(part)
-    if len(dataset) == 0:
-        raise ValueError(f"the {part} part of {store} holds no ROIs")
+    dataset = evaluated_part(store, card, part, split_seed)
 
     if calibrate_bn:
         recalibrate_batchnorm(model, dataset, batch_size, select_device(device))

@@ -175,6 +175,27 @@ _WIDTHS: dict[str, tuple[float, ...]] = {
 }
 
 
+# Grad-CAM's layer per architecture: the last convolutional feature block, whose output the
+# classifier pools, so the gradients weigh exactly the features the decision was made on. Named by
+# module path rather than by position; DenseNet's is its last dense block, not `features` itself,
+# because torchvision applies ReLU in place to the output of `features`, overwriting the
+# activations Grad-CAM saved from it.
+_CAM_TARGET_LAYERS: dict[str, str] = {
+    "shufflenet_v2_eca": "conv5",
+    "shufflenet_v2": "conv5",
+    "resnet50": "layer4",
+    "googlenet": "inception5b",
+    "densenet121": "features.denseblock4",
+}
+
+
+def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
+    """The layer of ``model`` (built by ``build_model(name, ...)``) whose activations Grad-CAM explains."""
+    if name not in _CAM_TARGET_LAYERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return model.get_submodule(_CAM_TARGET_LAYERS[name])
+
+
 def build_model(name: str, num_classes: int = 3, in_channels: int = 1, width: float = 1.0) -> nn.Module:
     """A randomly initialised classifier ``name`` returning logits ``(B, num_classes)``.
 

@@ -3,6 +3,8 @@
 The ROI is cut by the very function ``pneumofed prepare`` uses (square around the box centre,
 antialiased resize to the model card's ROI size, optional resampling to its spacing, uint8
 quantisation), so a prediction sees exactly what training and evaluation saw for that box.
+Optionally the Grad-CAM heatmap of the predicted class on that ROI is written as a PNG
+(``learning.heatmap``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 
 # Private to prepare, imported rather than copied: predictions must cut ROIs exactly as prepare does.
 from pneumofed.common.data.prepare import MIN_ROI_SIDE, Box, cut_rois, stored_shape
+from pneumofed.common.learning.heatmap import check_png_path, class_activation_maps, write_overlay
 from pneumofed.common.learning.modelfile import load_model_file
+from pneumofed.common.learning.models import cam_target_layer
 from pneumofed.common.learning.training import select_device
 
 
@@ -23,9 +27,19 @@ class PredictionError(ValueError):
 
 
 def predict(
-    model_path: str | Path, dicom_path: str | Path, box: Box | None = None, *, device: str = "auto"
+    model_path: str | Path,
+    dicom_path: str | Path,
+    box: Box | None = None,
+    *,
+    device: str = "auto",
+    heatmap: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Softmax probabilities of the model for ``box`` (default: the whole image) of ``dicom_path``."""
+    """Softmax probabilities of the model for ``box`` (default: the whole image) of ``dicom_path``.
+
+    With ``heatmap`` (a ``.png`` path, checked before anything is loaded) the Grad-CAM map of the
+    predicted class on the ROI is written there too, and the result names it under ``heatmap``.
+    """
+    heatmap = None if heatmap is None else check_png_path(heatmap)
     dicom_path = Path(dicom_path)
     if not dicom_path.is_file():
         raise PredictionError(f"no file at {dicom_path}")
@@ -53,9 +67,16 @@ def predict(
     image = torch.from_numpy(cut.rois[:1]).float().div_(255.0)[:, None]  # (1, 1, S, S) as RoiDataset serves it
     with torch.inference_mode():
         probs = model(image.to(next(model.parameters()).device)).double().softmax(dim=1)[0].cpu()
-    return {
+    predicted = int(probs.argmax())
+    result: dict[str, Any] = {
         "probabilities": {name: float(p) for name, p in zip(card.class_names, probs, strict=True)},
-        "predicted": card.class_names[int(probs.argmax())],
+        "predicted": card.class_names[predicted],
         "model": str(model_path),
         "box": list(box),
     }
+    if heatmap is not None:
+        maps = class_activation_maps(model, cam_target_layer(card.model, model), image, [predicted]).maps
+        write_overlay(heatmap, image[0, 0].numpy(), maps[0], card.class_names[predicted], float(probs[predicted]),
+                      detail=f"box {','.join(map(str, box))}")  # no file name: it may name the patient
+        result["heatmap"] = str(heatmap)
+    return result
