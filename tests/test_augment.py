@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from scipy import stats
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -17,6 +18,7 @@ from pneumofed.common.learning.augment import (
     FixedRotation90,
     GaussianBlur,
     HistogramEqualization,
+    PerSampleTransform,
     RandomBrightness,
     RandomHorizontalFlip,
     RandomRotation,
@@ -54,6 +56,22 @@ def laplacian_energy(image: Tensor) -> float:
     return lap.pow(2).mean().item()
 
 
+def reflect_padded_rotation(image: Tensor, angle: float) -> Tensor:
+    """The reference for ``fill="reflect"``: mirror-pad to the rotated square's reach, rotate with
+    torchvision, crop the centre back out."""
+    height, width = image.shape[-2:]
+    pad_y, pad_x = math.ceil(height * (math.sqrt(2) - 1) / 2), math.ceil(width * (math.sqrt(2) - 1) / 2)
+    padded = torch.nn.functional.pad(image[None], (pad_x, pad_x, pad_y, pad_y), mode="reflect")[0]
+    rotated = F.rotate(padded, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
+    return rotated[..., pad_y : pad_y + height, pad_x : pad_x + width].clamp(0, 1)
+
+
+def drawn_and_applied(op: PerSampleTransform, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """One forward pass split in two: the per-sample parameters ``op`` draws for ``batch``, and its output."""
+    params = op.make_params([batch])
+    return params, op.transform(batch, params)
+
+
 def principal_angle(image: Tensor) -> float:
     """Orientation in degrees (counter-clockwise, x right, y up) of the bright structure's main axis."""
     weights = image[0]
@@ -72,15 +90,18 @@ def principal_angle(image: Tensor) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 32, 32), (3, 1, 32, 32)])
 @pytest.mark.parametrize("name", OP_NAMES)
-def test_each_op_keeps_shape_dtype_device_and_range(name: str, shape: tuple[int, ...], device: str) -> None:
-    image = smooth_texture(*shape).to(device)
+def test_each_op_keeps_shape_dtype_device_and_range(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, device: str
+) -> None:
+    image = smooth_texture(*shape).to(device, dtype)
     for wrap in (lambda t: t, tv_tensors.Image):
         inp = wrap(image.clone())
         out = OPS[name]()(inp)
         assert out.shape == image.shape
-        assert out.dtype == torch.float32
+        assert out.dtype == dtype
         assert out.device == image.device
         assert type(out) is type(inp)
         assert out.min() >= 0.0 and out.max() <= 1.0
@@ -89,6 +110,23 @@ def test_each_op_keeps_shape_dtype_device_and_range(name: str, shape: tuple[int,
 def test_ops_table_covers_all_seven_in_table_order() -> None:
     assert tuple(OPS) == OP_NAMES
     assert len(OP_NAMES) == 7
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_each_op_rejects_inputs_that_are_neither_an_image_nor_a_batch(name: str) -> None:
+    for shape in ((32, 32), (2, 2, 1, 32, 32)):
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+            OPS[name]()(torch.rand(shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_each_op_draws_its_parameters_per_sample_on_the_batchs_device(name: str, device: str) -> None:
+    batch = torch.rand(5, 1, 16, 16, device=device)
+    params = OPS[name]().make_params([batch])
+    assert set(params) >= {"chosen"}
+    for value in params.values():
+        assert value.shape == (5,) and value.device == batch.device
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,14 +146,44 @@ def test_random_rotation_angle_magnitude_is_within_10_to_45_degrees_with_both_si
     assert any(a > 0 for a in angles) and any(a < 0 for a in angles)
 
 
-def test_random_rotation_matches_torchvision_rotate_with_the_sampled_angle() -> None:
-    image = smooth_texture(1, 32, 32)
-    rotation = RandomRotation(fill=0.0)
+@pytest.mark.parametrize(
+    ("fill", "size"),
+    # The padded reference of "reflect" reaches every rotated pixel only for square images.
+    [(0.0, (32, 32)), (0.3, (32, 32)), ("min", (32, 32)), ("reflect", (32, 32)), (0.0, (24, 40)), ("min", (24, 40))],
+)
+def test_random_rotation_matches_torchvision_rotate_with_each_samples_angle(fill, size: tuple[int, int]) -> None:
+    batch = torch.stack([0.2 + 0.6 * smooth_texture(1, *size, seed=seed) for seed in range(6)])
     torch.manual_seed(3)
-    angle = rotation.make_params([image])["angle"]
-    torch.manual_seed(3)
-    expected = F.rotate(image, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
-    torch.testing.assert_close(rotation(image), expected)
+    params, out = drawn_and_applied(RandomRotation(fill=fill), batch)
+    for image, angle, rotated in zip(batch, params["angle"].tolist(), out):
+        if fill == "reflect":
+            expected = reflect_padded_rotation(image, angle)
+        elif fill == "min":
+            minimum = image.amin(dim=(-2, -1), keepdim=True)
+            expected = F.rotate(image - minimum, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0) + minimum
+        else:
+            expected = F.rotate(image, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)
+        # The sampling grids are computed differently (float32 rounding of positions ~1e-6 px).
+        torch.testing.assert_close(rotated, expected.clamp(0, 1), atol=1e-4, rtol=0)
+
+
+def test_random_rotation_reflect_fill_shows_no_constant_corner_on_non_square_images() -> None:
+    batch = 0.3 + 0.4 * smooth_texture(2, 1, 24, 40)
+    out = RandomRotation((45.0, 45.0))(batch)
+    assert (out.amin(dim=(1, 2, 3)) >= batch.amin(dim=(1, 2, 3)) - 1e-6).all()
+    assert out[:, 0, :3, :3].std(dim=(-2, -1)).gt(0).all()
+
+
+def test_random_rotation_angles_follow_the_configured_distribution_per_sample() -> None:
+    # End to end: the angle each sample was turned by, read back from the output, is uniform in
+    # magnitude over the range and positive for about half the samples.
+    lines = torch.zeros(400, 1, 64, 64)
+    lines[:, 0, 32, 12:53] = 1.0
+    torch.manual_seed(0)
+    out = RandomRotation((10.0, 45.0), fill=0.0)(lines)
+    angles = torch.tensor([principal_angle(image) for image in out])
+    assert stats.kstest(angles.abs().numpy(), stats.uniform(10.0, 35.0).cdf).pvalue > 0.01
+    assert stats.binomtest(int((angles > 0).sum()), len(angles), 0.5).pvalue > 0.01
 
 
 def test_random_rotation_min_fill_uses_each_images_own_minimum() -> None:
@@ -155,6 +223,27 @@ def test_fixed_rotation_is_exactly_rot90(shape: tuple[int, ...]) -> None:
 def test_fixed_rotation_rejects_non_square_images() -> None:
     with pytest.raises(ValueError, match="square"):
         FixedRotation90()(torch.rand(1, 32, 48))
+    with pytest.raises(ValueError, match="square"):  # even where no sample's coin says rotate
+        FixedRotation90(p=0.0)(torch.rand(4, 1, 32, 48))
+
+
+@pytest.mark.parametrize(
+    ("op", "reference"),
+    [
+        (FixedRotation90(p=0.5), lambda image: torch.rot90(image, 1, dims=(-2, -1))),
+        (RandomHorizontalFlip(p=0.5), lambda image: torch.flip(image, dims=(-1,))),
+        (HistogramEqualization(p=0.5), F.equalize),
+    ],
+    ids=["rot90", "flip", "equalize"],
+)
+def test_deterministic_ops_are_bit_exact_per_sample_and_leave_the_others_untouched(op, reference) -> None:
+    batch = torch.stack([0.1 + 0.5 * smooth_texture(1, 32, 32, seed=seed) for seed in range(32)])
+    torch.manual_seed(1)
+    params, out = drawn_and_applied(op, batch)
+    chosen = params["chosen"]
+    assert 0 < int(chosen.sum()) < len(batch)  # both kinds present in this batch
+    for image, changed, result in zip(batch, chosen.tolist(), out):
+        assert torch.equal(result, reference(image) if changed else image)
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 32), (2, 1, 32, 32)])
@@ -162,6 +251,7 @@ def test_horizontal_flip_is_an_exact_mirror(shape: tuple[int, ...]) -> None:
     image = smooth_texture(*shape)
     assert torch.equal(RandomHorizontalFlip(p=1.0)(image), torch.flip(image, dims=(-1,)))
     assert torch.equal(RandomHorizontalFlip(p=0.0)(image), image)
+    assert RandomHorizontalFlip().p == 0.5  # torchvision's default
 
 
 def test_sharpness_equals_unsharp_mask_formula_on_an_impulse() -> None:
@@ -186,6 +276,15 @@ def test_sharpness_increases_local_contrast_and_stays_in_range() -> None:
     assert laplacian_energy(sharpened) > 2 * laplacian_energy(image)
     strong = SharpnessEnhancement(amount=50.0)(smooth_texture(1, 64, 64))
     assert strong.min() == 0.0 and strong.max() == 1.0
+
+
+def test_gaussian_blur_matches_torchvision_with_each_samples_sigma() -> None:
+    batch = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(2)
+    params, out = drawn_and_applied(GaussianBlur(5, sigma=(0.5, 1.5)), batch)
+    assert len(set(params["sigma"].tolist())) == 6
+    for image, sigma, blurred in zip(batch, params["sigma"].tolist(), out):
+        torch.testing.assert_close(blurred, F.gaussian_blur(image, kernel_size=[5, 5], sigma=[sigma, sigma]))
 
 
 def test_gaussian_blur_reduces_high_frequency_energy() -> None:
@@ -220,6 +319,7 @@ def test_histogram_equalization_is_deterministic_per_image_and_on_the_uint8_grid
     batch = torch.stack([0.4 + 0.2 * smooth_texture(1, 32, 32, seed=1), 0.1 * smooth_texture(1, 32, 32, seed=2)])
     out = HistogramEqualization()(batch)
     assert torch.equal(out, HistogramEqualization()(batch))
+    assert torch.equal(out, F.equalize(batch))
     for index in range(2):  # each image is equalised on its own histogram
         assert torch.equal(out[index], HistogramEqualization()(batch[index]))
     torch.testing.assert_close(out * 255, (out * 255).round(), atol=1e-4, rtol=0)
@@ -239,6 +339,14 @@ def test_brightness_scales_by_a_random_factor_within_the_range() -> None:
     assert max(factors) - min(factors) > 0.4
 
 
+def test_brightness_scales_each_sample_by_its_own_factor() -> None:
+    batch = 0.1 + 0.4 * smooth_texture(6, 1, 16, 16)  # at most 0.5: no clipping below a factor of 2
+    torch.manual_seed(4)
+    params, out = drawn_and_applied(RandomBrightness((0.6, 1.4)), batch)
+    assert len(set(params["factor"].tolist())) == 6
+    torch.testing.assert_close(out, batch * params["factor"].view(-1, 1, 1, 1))
+
+
 def test_brightness_clamps_to_one() -> None:
     out = RandomBrightness((1.5, 2.0))(smooth_texture(1, 32, 32))
     assert out.max() == 1.0
@@ -252,11 +360,51 @@ def test_brightness_clamps_to_one() -> None:
         (lambda: SharpnessEnhancement(kernel_size=4), "odd"),
         (lambda: SharpnessEnhancement(amount=0.0), "positive"),
         (lambda: RandomBrightness((1.2, 0.8)), "factor_range"),
+        (lambda: GaussianBlur(4, sigma=(0.5, 1.0)), "odd"),
+        (lambda: GaussianBlur(5, sigma=(0.0, 1.0)), "sigma"),
+        (lambda: GaussianBlur(5, sigma=(1.5, 0.5)), "sigma"),
+        (lambda: RandomHorizontalFlip(p=1.5), "p must"),
+        (lambda: HistogramEqualization(p=-0.1), "p must"),
     ],
 )
 def test_ops_reject_bad_parameters(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    ("op", "name", "low", "high"),
+    [
+        (GaussianBlur(5, sigma=(0.5, 1.5)), "sigma", 0.5, 1.5),
+        (RandomBrightness((0.75, 1.25)), "factor", 0.75, 1.25),
+        (RandomRotation((10.0, 45.0)), "angle", 10.0, 45.0),  # the magnitude; the sign is tested below
+    ],
+    ids=["blur-sigma", "brightness-factor", "rotation-angle"],
+)
+def test_drawn_parameters_are_uniform_over_the_configured_range(op, name: str, low: float, high: float) -> None:
+    torch.manual_seed(0)
+    drawn = op.make_params([torch.zeros(4000, 1, 2, 2)])[name].abs()
+    assert low <= drawn.min() and drawn.max() <= high
+    assert stats.kstest(drawn.numpy(), stats.uniform(low, high - low).cdf).pvalue > 0.01
+    # The test can fail: the same draws are far from a uniform over a shifted range.
+    shifted = stats.uniform(low + 0.1 * (high - low), high - low)
+    assert stats.kstest(drawn.numpy(), shifted.cdf).pvalue < 1e-6
+
+
+def test_rotation_sign_is_a_fair_coin_per_sample() -> None:
+    torch.manual_seed(0)
+    angles = RandomRotation((10.0, 45.0)).make_params([torch.zeros(4000, 1, 2, 2)])["angle"]
+    assert stats.binomtest(int((angles > 0).sum()), len(angles), 0.5).pvalue > 0.01
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_each_sample_is_chosen_with_the_ops_probability(p: float) -> None:
+    batch = smooth_texture(1, 8, 8).expand(4000, 1, 8, 8)
+    torch.manual_seed(0)
+    params, out = drawn_and_applied(FixedRotation90(p=p), batch)
+    changed = (out != batch).flatten(1).any(dim=1)
+    assert torch.equal(changed, params["chosen"])
+    assert stats.binomtest(int(changed.sum()), len(batch), p).pvalue > 0.01
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,8 +414,8 @@ def test_ops_reject_bad_parameters(make, message: str) -> None:
 def test_default_config_enables_all_seven_in_table_order() -> None:
     assert DEFAULT_AUGMENTATION.enabled == OP_NAMES
     pipeline = build_augmentation(DEFAULT_AUGMENTATION)
-    inner = [t if isinstance(t, RandomHorizontalFlip) else t.transforms[0] for t in pipeline.transforms]
-    assert [type(t) for t in inner] == [
+    assert [t.p for t in pipeline.transforms] == [getattr(DEFAULT_AUGMENTATION, name).p for name in OP_NAMES]
+    assert [type(t) for t in pipeline.transforms] == [
         RandomRotation,
         FixedRotation90,
         SharpnessEnhancement,
@@ -317,6 +465,16 @@ def test_only_enabled_ops_are_applied() -> None:
     assert torch.equal(build_augmentation(config)(image), expected)
 
 
+def test_default_pipeline_leaves_the_expected_share_of_a_batch_unchanged() -> None:
+    # Every op has its own coin per sample: a sample passes unchanged with the product of (1 - p).
+    unchanged_share = math.prod(1 - getattr(DEFAULT_AUGMENTATION, name).p for name in OP_NAMES)
+    batch = torch.stack([0.2 + 0.6 * smooth_texture(1, 16, 16, seed=seed) for seed in range(8)]).repeat(250, 1, 1, 1)
+    torch.manual_seed(0)
+    out = build_augmentation(DEFAULT_AUGMENTATION)(batch)
+    unchanged = int((out == batch).flatten(1).all(dim=1).sum())
+    assert stats.binomtest(unchanged, len(batch), unchanged_share).pvalue > 0.01
+
+
 def test_op_probability_is_honoured() -> None:
     image = smooth_texture(1, 8, 8)
     rotate_quarter = build_augmentation(AugmentationConfig(enabled=["fixed_rotation"], fixed_rotation={"p": 0.25}))
@@ -332,15 +490,27 @@ def test_op_probability_is_honoured() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_augment_batch_draws_independently_per_sample(device: str) -> None:
+@pytest.mark.parametrize(
+    "make",
+    [RandomRotation, lambda: GaussianBlur(5, sigma=(0.5, 1.5)), RandomBrightness],
+    ids=["rotation", "blur", "brightness"],
+)
+def test_augment_batch_draws_independently_per_sample(make, device: str) -> None:
     batch = smooth_texture(1, 32, 32).expand(8, 1, 32, 32).contiguous().to(device)
-    rotation = RandomRotation()
     torch.manual_seed(0)
-    same = rotation(batch)  # one draw for the whole batch: every sample rotated alike
-    assert all(torch.equal(same[0], sample) for sample in same)
-    out = augment_batch(rotation, batch)
-    assert out.shape == batch.shape and out.device == batch.device
+    out = augment_batch(make(), batch)
+    assert out.shape == batch.shape and out.dtype == batch.dtype and out.device == batch.device
     assert len({tuple(sample.flatten()[:64].tolist()) for sample in out.cpu()}) == 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_augment_batch_with_the_default_pipeline_keeps_shape_dtype_device_and_range(device: str) -> None:
+    batch = smooth_texture(16, 1, 64, 64).to(device)
+    torch.manual_seed(0)
+    out = augment_batch(build_augmentation(DEFAULT_AUGMENTATION), batch)
+    assert out.shape == batch.shape and out.dtype == batch.dtype and out.device == batch.device
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert len({tuple(sample.flatten().tolist()) for sample in out.cpu()}) == 16
 
 
 def test_augment_batch_rejects_a_single_image() -> None:

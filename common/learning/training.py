@@ -1,9 +1,9 @@
 """The one train/evaluate loop shared by federated clients, the centralised baseline and simulations.
 
 Dataset items are ``(image float32 (1, H, W) in [0, 1], int label)``; any ``torch.utils.data.Dataset``
-works. ``augment`` is a *per-sample* transform (what ``build_augmentation`` returns); the loop applies
-it online to each batch on the training device through ``augment_batch``, so every sample draws its
-own random parameters and callers cannot accidentally share one draw across a batch.
+works. ``augment`` is a batch transform that draws per sample (what ``build_augmentation`` returns);
+the loop applies it online to each batch on the training device through ``augment_batch``, so every
+sample draws its own random parameters, in whole-batch operations on that device.
 """
 
 from __future__ import annotations
