@@ -9,6 +9,8 @@ Layout (all under the run directory):
   final.json                the best model evaluated once on the sites' test parts
   plots/*.png               loss/accuracy/AUC per round, pooled ROC per class, confusion matrix
                             (drawn when the rounds are done)
+  report.html               all of the above on one self-contained page, with the privacy settings,
+                            rejected replies and the command that runs the settings again
   state/checkpoint.pt       what `--resume` needs: last round, global arrays, optimiser state
   audit.jsonl               the run audit: starts, each round's participants and global model digest, end
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import tomli_w
 import torch
 from flwr.app import ArrayRecord
 
@@ -30,6 +34,7 @@ from pneumofed.common.federation.pooling import PooledEvaluation
 from pneumofed.common.files import atomic_write, write_csv, write_json
 from pneumofed.common.learning.modelfile import ModelCard, save_model_file
 from pneumofed.common.learning.state import load_tensor_file
+from pneumofed.common.metrics.html_report import RunFiles, run_report_html
 from pneumofed.common.metrics.plots import plot_confusion, plot_curves, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, selection_key
 
@@ -38,6 +43,9 @@ if TYPE_CHECKING:
 
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"num_server_rounds", "resume", "round_timeout", "run_dir"}
+# Run-config keys a command that runs the settings again passes otherwise (sites, run-dir) or not at
+# all (resume: the settings are run afresh).
+NOT_REPRODUCED = {"sites", "run-dir", "resume"}
 
 
 class RunDirectory:
@@ -157,6 +165,7 @@ class RunDirectory:
         report = evaluation.report
         _plot_report_roc(self.path / "plots" / "roc_test.png", report, f"Pooled ROC on the sites' test parts (round {self.best_round})")
         plot_confusion(self.path / "plots" / "confusion_test.png", report.confusion_matrix, report.class_names, "Test")
+        self.write_report()
 
     def _write_metrics(self) -> None:
         write_json(self.path / "metrics.json", self.history)
@@ -184,6 +193,37 @@ class RunDirectory:
             report = last_evaluation.report
             _plot_report_roc(self.path / "plots" / "roc.png", report, f"Pooled ROC per class (round {rounds[-1]})")
             plot_confusion(self.path / "plots" / "confusion.png", report.confusion_matrix, report.class_names, f"Round {rounds[-1]}")
+        self.write_report()
+
+    def write_report(self) -> Path:
+        """report.html from the files the run directory holds now. Written with the plots and again
+        with the final test evaluation, so a run that ends without one still has its page."""
+        page = run_report_html(RunFiles.read(self.path), reproduce_command(self.config, self.path))
+        return atomic_write(self.path / "report.html", page)
+
+
+def reproduce_command(config: FederatedConfig, run_dir: Path) -> str:
+    """The command line that runs `config` again: `pneumofed simulate` when it names the sites' stores
+    (a simulation), else `flwr run` of the deployment's app. Only settings that differ from the
+    defaults are spelt out."""
+    defaults = FederatedConfig().to_run_config()
+    changed = {key: value for key, value in config.to_run_config().items()
+               if key not in NOT_REPRODUCED and value != defaults[key]}
+    if config.site_paths:
+        arguments = ["pneumofed", "simulate", "--sites", *map(str, config.site_paths), "--run-dir", str(run_dir)]
+        arguments += [part for key, value in changed.items() for part in ("--set", f"{key}={_toml_value(value)}")]
+        return shlex.join(arguments)
+    if config.run_dir:
+        changed["run-dir"] = config.run_dir
+    settings = " ".join(f"{key}={_toml_value(value)}" for key, value in changed.items())
+    command = "flwr run FLOWER_APP FEDERATION" + (f" --run-config {shlex.quote(settings)}" if settings else "") + " --stream"
+    # The ServerApp knows neither the app folder it was shipped from nor the federation's name.
+    return f"# FLOWER_APP: the coordinator kit's flower-app folder; FEDERATION: its name (docs/deploy.md)\n{command}"
+
+
+def _toml_value(value: object) -> str:
+    """`value` as TOML, as `--set` and `flwr run --run-config` read it."""
+    return tomli_w.dumps({"value": value}).partition("=")[2].strip()
 
 
 def _plot_report_roc(path: Path, report: ClassificationReport, title: str) -> None:

@@ -54,6 +54,7 @@ from pneumofed.common.learning.modelfile import (
 )
 from pneumofed.common.learning.models import MODEL_NAMES, build_model
 from pneumofed.common.learning.training import TrainConfig, evaluate, seed_everything
+from pneumofed.common.metrics.html_report import ExperimentFiles, experiment_report_html
 from pneumofed.common.metrics.plots import plot_curves
 from pneumofed.simulations.flower import run_simulation
 from pneumofed.simulations.inprocess import run_in_process
@@ -463,11 +464,14 @@ def run_experiment(config: ExperimentConfig, out: Path, seeds: list[int] | None 
     so that seeds can run in parallel processes) into `out/seed-<n>/`, then `summarise_seeds`."""
     check_seeds(config, seeds)
     if config.seeds is None:
-        return _run_one_seed(config, out)
-    results = []
-    for seed in seeds or config.seeds:
-        results += _run_one_seed(config.model_copy(update={"seed": seed, "seeds": None}), out / f"seed-{seed}")
-    summarise_seeds(config, out)
+        results = _run_one_seed(config, out)
+        summary = []
+    else:
+        results = []
+        for seed in seeds or config.seeds:
+            results += _run_one_seed(config.model_copy(update={"seed": seed, "seeds": None}), out / f"seed-{seed}")
+        summary = summarise_seeds(config, out)
+    atomic_write(out / "report.html", experiment_report_html(ExperimentFiles.read(out.resolve(), config.seeds, summary)))
     return results
 
 

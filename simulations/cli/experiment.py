@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"pneumofed experiment: {error}", file=sys.stderr)
         return 2
     run_experiment(config, out, args.seeds)
-    print(f"results in {out.resolve()} (results.md, results.csv; {time.perf_counter() - started:.0f} s)")
+    print(f"results in {out.resolve()} (report.html, results.md, results.csv; {time.perf_counter() - started:.0f} s)")
     return 0

@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"run directory: {run_dir}")
     print(f"plots: {run_dir / 'plots'}")
+    if (run_dir / "report.html").is_file():
+        print(f"report: {run_dir / 'report.html'} (open it in a browser)")
     return 0
 
 
