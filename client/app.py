@@ -1,8 +1,8 @@
 """Hospital node: trains and evaluates the received global model on the site's own ROI store.
 
-Replies carry only the model's floating-point arrays and aggregate metrics (counts, loss,
-accuracy, confusion matrix, per-class score histograms): never pixels, patient keys, file
-names or per-sample scores.
+Replies carry only the model's floating-point arrays (encoded as run config `update-encoding`
+says) and aggregate metrics (counts, loss, accuracy, confusion matrix, per-class score
+histograms): never pixels, patient keys, file names or per-sample scores.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pneumofed.common.data.site import SiteData, load_site
 from pneumofed.common.data.store import StoreRequirements
 from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
+from pneumofed.common.learning.batchnorm import batchnorm_names, recalibrate_batchnorm
 from pneumofed.common.metrics.histogram import ScoreHistogram
 from pneumofed.common.metrics.report import confusion_counts
 
@@ -83,15 +84,17 @@ def _site_seed(run_seed: int, server_round: int, name: str) -> int:
 
 def _global_model_at_site(
     arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict
-) -> tuple[FederatedConfig, SiteData, nn.Module]:
-    """The run's settings, this site's data, and the received global model with the site's own
-    BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use."""
+) -> tuple[FederatedConfig, SiteData, nn.Module, ArrayRecord]:
+    """The run's settings, this site's data, the received global model with the site's own
+    BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use, and the
+    received global arrays decoded to fp32 (what an int8 reply's update is taken from)."""
     config = FederatedConfig.from_run_config(run_config)
     site = _site_data(node_config, config)
     model = config.build_model()
+    received = decode_arrays(arrays, config.update_encoding, statistics=batchnorm_names(model).statistics)
     local = state.array_records.get(LOCAL_BATCHNORM)
-    load_exchanged_state(model, arrays.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
-    return config, site, model
+    load_exchanged_state(model, received.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
+    return config, site, model, received
 
 
 def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
@@ -111,7 +114,7 @@ def train_locally(
 ) -> RecordDict:
     """One round of local training from the global `arrays`; returns the reply content and keeps
     what must stay at the site (its BatchNorm part, its optimiser moments) in `state`."""
-    config, site, model = _global_model_at_site(arrays, run_config, node_config, state)
+    config, site, model, received = _global_model_at_site(arrays, run_config, node_config, state)
     server_round = int(instruction["server-round"])
     train_config = training.TrainConfig(
         epochs=int(instruction.get("local-epochs", config.local_epochs)),
@@ -144,7 +147,9 @@ def train_locally(
             "train-accuracy": float(history.accuracy[-1]),
         }
     )
-    return RecordDict({"arrays": ArrayRecord(exchanged_state(model, config.bn_mode)), "metrics": metrics})
+    trained = encode_arrays(exchanged_state(model, config.bn_mode), config.update_encoding,
+                            statistics=batchnorm_names(model).statistics, reference=received)
+    return RecordDict({"arrays": trained, "metrics": metrics})
 
 
 def evaluate_locally(
@@ -162,7 +167,7 @@ def evaluate_locally(
         raise PermissionError(
             f"this site evaluates only its {', '.join(sorted(allowed))} part(s), not {split!r} (node config evaluate-splits)"
         )
-    config, site, model = _global_model_at_site(arrays, run_config, node_config, state)
+    config, site, model, _ = _global_model_at_site(arrays, run_config, node_config, state)
     data = site.part(split)
     result = training.evaluate(
         model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)

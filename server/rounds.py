@@ -1,14 +1,16 @@
 """A federated run, round by round, readable in one place.
 
-Each round: the strategy picks nodes and builds the train instructions; every reply is validated
-(`validation.update_problem`) and a bad one dropped with its reason; the strategy aggregates the
-rest; the new global model is evaluated on the sites' validation parts and pooled
+Each round: the strategy picks nodes and builds the train instructions, which carry the global
+model encoded as `update-encoding` says (`encoding`); every reply is decoded to fp32 and
+validated (`validation.update_problem`) and a bad one dropped with its reason; the strategy
+aggregates the rest; the new global model is evaluated on the sites' validation parts and pooled
 (`pooling.pool_evaluations`); the run directory records the round. After the last round the model
 with the best pooled validation score is evaluated once on the sites' test parts.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
 from pneumofed.common.learning.batchnorm import batchnorm_names
@@ -112,7 +115,7 @@ def aggregate_train_round(
     config: FederatedConfig,
     declarations: Mapping[int, SiteDeclaration],
 ) -> TrainRound:
-    """Validate every reply, then let the strategy aggregate the accepted ones.
+    """Decode every reply to fp32 and validate it, then let the strategy aggregate the accepted ones.
 
     Beyond `update_problem`, a reply from a node that declared no data is refused, and with three
     or more sound updates one more than `max-update-median-ratio` times the round's median update
@@ -134,10 +137,15 @@ def aggregate_train_round(
         elif node not in declarations:
             problems[node] = "the node declared no training data when it joined the run"
         else:
-            problem = update_problem(global_arrays, reply.content, config.max_update_ratio, variances,
+            try:
+                decoded = _decoded(reply, global_arrays, config, statistics)
+            except ValueError as error:
+                problems[node] = f"its arrays are not encoded as update-encoding={config.update_encoding} says: {error}"
+                continue
+            problem = update_problem(global_arrays, decoded.content, config.max_update_ratio, variances,
                                      declarations[node].num_examples)
             if problem is None:
-                sound.append(reply)
+                sound.append(decoded)
             else:
                 problems[node] = problem
     # Trained parameters only: BatchNorm statistics move by recalibration, not by optimiser steps,
@@ -163,6 +171,35 @@ def aggregate_train_round(
         rejected=rejected,
         participants=[reply.metadata.src_node_id for reply in accepted if not reply.has_error()],
     )
+
+
+def _decoded(reply: Message, global_arrays: ArrayRecord, config: FederatedConfig, statistics: frozenset[str]) -> Message:
+    """A copy of `reply` whose arrays are decoded to fp32, so that validation and Flower's
+    aggregation (which sums in each array's own dtype) see the site's model at full precision.
+
+    An int8 update is added to the server's own fp32 global model rather than to the int8 copy
+    the site trained from: the global model then keeps accumulating updates smaller than one
+    int8 step, which re-quantising it every round would otherwise discard.
+    """
+    decoded = copy.copy(reply)  # the grid's reply stays as it arrived (what the site sent)
+    decoded.content = RecordDict({
+        key: decode_arrays(record, config.update_encoding, statistics=statistics, reference=global_arrays)
+        if isinstance(record, ArrayRecord) else record
+        for key, record in reply.content.items()
+    })
+    return decoded
+
+
+def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, config: FederatedConfig) -> list[Message]:
+    """`messages` built by the strategy from the fp32 global `arrays`, carrying them encoded as
+    `update-encoding` says. Encoded here, after the strategy: FedOpt and FedAvgM keep the arrays
+    they are configured with and take their next step from them."""
+    statistics = batchnorm_names(config.build_model()).statistics
+    encoded = encode_arrays(arrays, config.update_encoding, statistics=statistics)
+    messages = list(messages)
+    for message in messages:
+        message.content["arrays"] = encoded
+    return messages
 
 
 def _in_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
@@ -213,7 +250,9 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     evaluation: PooledEvaluation | None = None
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
-        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+        instructions = encoded_instructions(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid), arrays, config
+        )
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
         trained = aggregate_train_round(
@@ -222,7 +261,9 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         )
         if trained.arrays is not None:
             arrays = trained.arrays
-        instructions = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid)
+        instructions = encoded_instructions(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid), arrays, config
+        )
         evaluation = pool_replies(grid.send_and_receive(instructions, timeout=config.round_timeout), config.classes)
         run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy))
     run.write_plots(evaluation)
@@ -231,10 +272,11 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         log.warning("no round produced a pooled AUC; skipping the final test evaluation")
         return
     instruction = ConfigRecord({"split": "test", "server-round": config.num_server_rounds})
-    messages = [
-        Message(RecordDict({"arrays": best, "config": instruction}), node_id, MessageType.EVALUATE)
-        for node_id in grid.get_node_ids()
-    ]
+    messages = encoded_instructions(
+        [Message(RecordDict({"arrays": best, "config": instruction}), node_id, MessageType.EVALUATE)
+         for node_id in grid.get_node_ids()],
+        best, config,
+    )
     final = pool_replies(grid.send_and_receive(messages, timeout=config.round_timeout), config.classes)
     if final is not None:
         run.write_final(final)

@@ -2,7 +2,8 @@
 
 A hospital's log (node config `audit-log`) gets a `run-joined` record the first time a run
 reaches the node and one `reply` record per reply: run id, round, message kind, size in bytes
-and SHA-256 of the arrays, and the metric keys (never metric values or data). The server's run
+and SHA-256 of the arrays as sent (encoded as `update-encoding` says, int8 scales included),
+and the metric keys (never metric values or data). The server's run
 log gets one record per event (start, each round with its participants and the global model's
 digest, end). Each record is one line written with a single `write` under an exclusive lock, so
 concurrent ClientApp processes never interleave lines.

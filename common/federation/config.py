@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from pneumofed.common.federation.encoding import UpdateEncoding
 from pneumofed.common.federation.exchange import BatchNormMode
 from pneumofed.common.learning.models import MODEL_NAMES, build_model
 
@@ -43,6 +44,9 @@ class FederatedConfig(BaseModel):
     # Balanced class weights from the federation-wide class counts, the same at every site.
     class_weighting: bool = Field(True, alias="class-weighting")
     bn_mode: BatchNormMode = Field("shared", alias="bn-mode")
+    # How the model travels, both ways: fp32, fp16 (1/2 the bytes) or int8 (about 1/4: sites send their
+    # update, BatchNorm statistics go as fp16; see common/federation/encoding.py).
+    update_encoding: UpdateEncoding = Field("fp32", alias="update-encoding")
     # Each site continues its own Adam moments from round to round (kept in its context.state, so a
     # resumed run, which Flower gives a new context, starts them afresh). Off until measured.
     keep_optimizer_state: bool = Field(False, alias="keep-optimizer-state")
