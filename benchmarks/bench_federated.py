@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord
 
 from pneumofed.common.learning.models import build_model
 from pneumofed.common.learning.state import floating_state
-from pneumofed.common.metrics.histogram import ScoreHistogram
+from pneumofed.common.metrics.histogram import ScoreSummary
 from pneumofed.simulations.experiment import ExperimentConfig, run_experiment
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr-abc"
@@ -28,10 +28,10 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr-abc"
 def reply_bytes(model_name: str, classes: int, eval_rois: int) -> dict[str, int]:
     """Payload sizes of one round for one client (arrays in float32, metrics as 8-byte numbers)."""
     arrays = ArrayRecord(floating_state(build_model(model_name, classes))).count_bytes()
-    # Worst case of the sparse histogram: every ROI in its own bin for every class.
+    # The score summary at the sites' defaults: at most one interval per five ROIs and class.
     probs = torch.softmax(torch.randn(eval_rois, classes), 1).numpy()
     labels = probs.argmax(1)
-    histogram_values = sum(len(v) if isinstance(v, list) else 1 for v in ScoreHistogram.from_scores(labels, probs).to_flat().values())
+    histogram_values = sum(len(v) if isinstance(v, list) else 1 for v in ScoreSummary.from_scores(labels, probs).to_flat().values())
     evaluate_reply = 8 * (histogram_values + classes * classes + 4)
     return {
         "received (train + evaluate instructions)": 2 * arrays,

@@ -1,8 +1,8 @@
 """Hospital node: trains and evaluates the received global model on the site's own ROI store.
 
 Replies carry only the model's floating-point arrays (encoded as run config `update-encoding`
-says) and aggregate metrics (counts, loss, accuracy, confusion matrix, per-class score
-histograms): never pixels, patient keys, file names or per-sample scores.
+says) and aggregate metrics (counts, loss, accuracy, confusion matrix, coarse k-anonymous per-class score
+summaries, as the site's node config allows): never pixels, patient keys, file names or per-ROI scores.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
+from pneumofed.common.federation.site_policy import EvaluationPolicy
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
 from pneumofed.common.learning.batchnorm import batchnorm_names, recalibrate_batchnorm
-from pneumofed.common.metrics.histogram import ScoreHistogram
+from pneumofed.common.metrics.histogram import ScoreSummary
 from pneumofed.common.metrics.report import confusion_counts
 
 app = ClientApp()
@@ -41,7 +42,6 @@ app = ClientApp()
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
 LOCAL_BATCHNORM = "local-batchnorm"
 OPTIMIZER_MOMENTS = "optimizer-moments"
-DEFAULT_EVALUATION_SPLITS = "val,test"
 
 
 def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
@@ -65,16 +65,6 @@ def _site_data(node_config: Mapping[str, Any], config: FederatedConfig) -> SiteD
     """This node's ROI store, split by patient, checked against the run's ROI size and classes."""
     required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
     return load_site(_site_path(node_config, config), config.seed, required)
-
-
-def evaluation_splits(node_config: Mapping[str, Any]) -> set[str]:
-    """The parts of its data a site lets the server score models on: the hospital decides (node
-    config `evaluate-splits`), never the training part, which would let a coordinator probe what a
-    model memorised of it."""
-    allowed = {part.strip() for part in str(node_config.get("evaluate-splits", DEFAULT_EVALUATION_SPLITS)).split(",")}
-    if "train" in allowed or not allowed <= {"val", "test"}:
-        raise ValueError(f"evaluate-splits may name val and test only, got {sorted(allowed)}")
-    return allowed
 
 
 def _site_seed(run_seed: int, server_round: int, name: str) -> int:
@@ -162,17 +152,15 @@ def evaluate_locally(
     """Evaluate the global `arrays` (with the site's own BatchNorm part) on this site's validation
     (or, when asked, test) part."""
     split = str(instruction.get("split", "val"))
-    allowed = evaluation_splits(node_config)
-    if split not in allowed:
-        raise PermissionError(
-            f"this site evaluates only its {', '.join(sorted(allowed))} part(s), not {split!r} (node config evaluate-splits)"
-        )
+    policy = EvaluationPolicy.from_node_config(node_config)
+    policy.check(split, rois=None)
     config, site, model, _ = _global_model_at_site(arrays, run_config, node_config, state)
     data = site.part(split)
+    policy.check(split, rois=len(data))
     result = training.evaluate(
         model, data, training.TrainConfig(batch_size=max(config.batch_size, 64), progress=False)
     )
-    histogram = ScoreHistogram.from_scores(result.labels, result.probs)
+    summary = ScoreSummary.from_scores(result.labels, result.probs, policy.score_bins, policy.score_min_count)
     confusion = confusion_counts(result.labels, result.probs)
     metrics = MetricRecord(
         {
@@ -180,10 +168,11 @@ def evaluate_locally(
             "eval-loss": float(result.loss),
             "eval-accuracy": float(result.accuracy),
             "confusion": [int(count) for count in confusion.ravel()],
-            **histogram.to_flat(),
+            **summary.to_flat(),
         }
     )
-    return RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site_name(node_config, config)})})
+    site_record = ConfigRecord({"name": site_name(node_config, config), "share-site-auc": policy.share_site_auc})
+    return RecordDict({"metrics": metrics, "site": site_record})
 
 
 @app.train()

@@ -219,7 +219,8 @@ def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEv
     answered, rejected = [], []
     for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
         node = reply.metadata.src_node_id
-        problem = "the node replied with an error" if reply.has_error() else evaluation_problem(reply.content, len(class_names))
+        problem = (f"the node replied with an error: {reply.error.reason}" if reply.has_error()
+                   else evaluation_problem(reply.content, len(class_names)))
         if problem is None:
             answered.append(reply)
         else:
@@ -228,9 +229,15 @@ def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEv
     if not answered:
         return None
     names = [_site_label(reply) for reply in answered]
-    pooled = pool_evaluations([reply.content for reply in answered], names, class_names)
+    shared = [_shares_site_auc(reply) for reply in answered]
+    pooled = pool_evaluations([reply.content for reply in answered], names, class_names, shared)
     pooled.rejected = rejected
     return pooled
+
+
+def _shares_site_auc(reply: Message) -> bool:
+    site = reply.content.config_records.get("site")
+    return bool(site.get("share-site-auc", False)) if site else False
 
 
 def _site_label(reply: Message) -> str:

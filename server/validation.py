@@ -12,7 +12,7 @@ from collections.abc import Collection
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from pneumofed.common.metrics.histogram import DEFAULT_BINS, ScoreHistogram
+from pneumofed.common.metrics.histogram import ScoreSummary
 
 
 def update_problem(
@@ -87,8 +87,9 @@ def evaluation_problem(reply: RecordDict, num_classes: int) -> str | None:
     """Why this evaluation reply must not be pooled, or None when its counts are consistent.
 
     Every count must be a non-negative integer, the loss finite, the confusion matrix K x K and sum
-    to `num-examples`, and the score histogram use the shared bin layout and hold, per class, exactly the confusion matrix's
-    positives and every evaluated ROI once.
+    to `num-examples`; the score summary must tile the score axis in intervals of at least its
+    site's minimum count and hold, per class, exactly the confusion matrix's positives and every
+    evaluated ROI once.
     """
     if len(reply.metric_records) != 1 or reply.array_records:
         return "expected exactly one MetricRecord and no arrays"
@@ -113,16 +114,14 @@ def evaluation_problem(reply: RecordDict, num_classes: int) -> str | None:
     if int(matrix.sum()) != num_examples:
         return f"confusion counts {int(matrix.sum())} ROIs but num-examples says {num_examples}"
     try:
-        histogram = ScoreHistogram.from_flat(metrics)
+        summary = ScoreSummary.from_flat(metrics)
     except ValueError as error:
-        return f"score histogram: {error}"
-    if histogram.num_classes != num_classes:
-        return f"score histogram has {histogram.num_classes} classes, the run {num_classes}"
-    if histogram.bins != DEFAULT_BINS:
-        return f"score histogram has {histogram.bins} bins, the shared layout {DEFAULT_BINS}"
-    positives, negatives = histogram.counts.sum(axis=2)
-    if not np.array_equal(positives, matrix.sum(axis=1)):
-        return "score histogram positives disagree with the confusion matrix"
-    if not np.array_equal(positives + negatives, np.full(num_classes, num_examples)):
-        return "score histogram does not count every evaluated ROI once per class"
+        return f"score summary: {error}"
+    if summary.num_classes != num_classes:
+        return f"score summary has {summary.num_classes} classes, the run {num_classes}"
+    counts = [summary.counts(k) for k in range(num_classes)]
+    if [positives for positives, _ in counts] != matrix.sum(axis=1).tolist():
+        return "score summary positives disagree with the confusion matrix"
+    if any(positives + negatives != num_examples for positives, negatives in counts):
+        return "score summary does not count every evaluated ROI once per class"
     return None

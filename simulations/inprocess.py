@@ -9,12 +9,14 @@ the same as in a Flower run (`tests/test_simulation.py` runs the same apps on Fl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from pneumofed.client.app import count_classes, evaluate_locally, train_locally
@@ -23,6 +25,7 @@ from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import run_federation
 
 FIRST_NODE_ID = 100
+log = logging.getLogger("pneumofed.simulations")
 
 
 class InProcessGrid:
@@ -48,8 +51,18 @@ class InProcessGrid:
         return handler(message.content["arrays"], message.content["config"], self.run_config,
                        self.node_configs[node], self.states[node])
 
+    def reply(self, message: Message) -> Message:
+        """The handler's reply, or, as a SuperNode sends it when its ClientApp raises, an error reply
+        whose reason carries the exception (a site refusing an evaluation does this)."""
+        try:
+            return Message(self.handle(message), reply_to=message)
+        except Exception as error:  # noqa: BLE001  (Flower's run_clientapp catches every exception too)
+            log.error("node %s: the ClientApp raised an exception", message.metadata.dst_node_id, exc_info=error)
+            reason = f"{type(error)}:<'{error}'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return [Message(self.handle(message), reply_to=message) for message in messages]
+        return [self.reply(message) for message in messages]
 
 
 @contextmanager

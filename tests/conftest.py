@@ -24,14 +24,15 @@ def nih_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three small synthetic hospitals, prepared into 32-px ROI stores (absolute paths)."""
+    """Three small synthetic hospitals, prepared into 32-px ROI stores (absolute paths); each site's
+    test part has more ROIs than the sites' default min-evaluation-rois."""
     from pneumofed.common.data.prepare import prepare_site
     from pneumofed.common.data.synth import write_hospitals
 
     root = tmp_path_factory.mktemp("synthetic")
     (root / "secrets").mkdir()
     stores = []
-    for hospital in write_hospitals(root / "dicom", n_hospitals=3, rois_per_hospital=40, seed=7):
+    for hospital in write_hospitals(root / "dicom", n_hospitals=3, rois_per_hospital=60, seed=7):
         store = root / "stores" / hospital.name
         # A fixed site secret: pseudonyms decide the patient-grouped splits, so a random secret
         # would give every test session different training and evaluation data.

@@ -157,7 +157,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     from pneumofed.common.data.synth import write_hospitals
 
     root = tmp_path_factory.mktemp("deploy")
-    raw = write_hospitals(root / "raw", n_hospitals=len(HOSPITALS), rois_per_hospital=20, seed=0)
+    raw = write_hospitals(root / "raw", n_hospitals=len(HOSPITALS), rois_per_hospital=60, seed=0)
     for name, hospital in zip(HOSPITALS, raw):
         prepare_site(hospital / "dicom", hospital / "annotations.csv", root / name / "roistore",
                      roi_size=ROI_SIZE, secret_path=root / name / "site-secret", workers=1)

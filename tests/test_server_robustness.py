@@ -37,7 +37,14 @@ def _drop(key):
 
 
 def _wrong_bin_count(metrics):
-    metrics["hist-bins"] = metrics["hist-bins"] // 2
+    metrics["scores-bins"] = metrics["scores-bins"] // 2
+
+
+def _interval_below_the_minimum(metrics):
+    """Split the first interval of class 0 so that one part holds a single ROI."""
+    edge, positives, negatives, *rest = metrics["scores-0"]
+    first = [edge // 2, 1, 0] if positives else [edge // 2, 0, 1]
+    metrics["scores-0"] = first + [edge, positives - first[1], negatives - first[2], *rest]
 
 
 def _counts_one_more(metrics):
@@ -52,14 +59,15 @@ def _negative_confusion(metrics):
     ("change", "reason"),
     [
         (_drop("confusion"), "missing metrics"),
-        (_drop("hist-pos-0"), "score histogram"),
+        (_drop("scores-0"), "score summary"),
         (_negative_confusion, "non-negative integers"),
-        (_wrong_bin_count, "score histogram"),
+        (_wrong_bin_count, "score summary"),
+        (_interval_below_the_minimum, "fewer than the site's minimum"),
         (_set("eval-loss", float("nan")), "eval-loss"),
         (_counts_one_more, "num-examples says"),
         (_set("num-examples", -3), "positive integer"),
     ],
-    ids=["missing-key", "missing-histogram-class", "negative-count", "wrong-bin-count", "nan-loss",
+    ids=["missing-key", "missing-summary-class", "negative-count", "wrong-bin-count", "interval-below-minimum", "nan-loss",
          "counts-disagree-with-num-examples", "negative-num-examples"],
 )
 def test_a_malformed_evaluation_reply_is_dropped_and_the_round_completes(synthetic_sites, tmp_path, flower_identity,

@@ -1,4 +1,5 @@
-"""Federated evaluation pooled exactly: sites' counts are summed, site AUCs are never averaged."""
+"""Federated evaluation pooled from the sites' counts: confusion matrices summed, score summaries
+concatenated (each pooled AUC with its bound), site AUCs never averaged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from pneumofed.common.metrics.histogram import ScoreHistogram, report_from_counts
+from pneumofed.common.metrics.histogram import ScoreSummary, report_from_summary
 from pneumofed.common.metrics.report import ClassificationReport
 
 
@@ -19,7 +20,7 @@ class PooledEvaluation:
     report: ClassificationReport
     loss: float
     num_examples: int
-    site_auc: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    site_auc: dict[str, dict[str, float | None]] = field(default_factory=dict)  # sites that share theirs
     rejected: list[dict[str, Any]] = field(default_factory=list)  # replies dropped, with the reason
 
     def summary(self) -> dict[str, Any]:
@@ -32,20 +33,23 @@ class PooledEvaluation:
         }
 
 
-def pool_evaluations(contents: list[RecordDict], site_names: list[str], class_names: list[str]) -> PooledEvaluation:
-    """Exact pooling: histograms and confusion matrices are summed, never site AUCs averaged."""
+def pool_evaluations(
+    contents: list[RecordDict], site_names: list[str], class_names: list[str], shares_site_auc: list[bool]
+) -> PooledEvaluation:
+    """Pool the sites' evaluation replies; a site's own AUC is kept only where the site shares it."""
     metrics = [next(iter(content.metric_records.values())) for content in contents]
-    histograms = [ScoreHistogram.from_flat(m) for m in metrics]
+    summaries = [ScoreSummary.from_flat(m) for m in metrics]
     k = len(class_names)
     confusion = sum(np.asarray(m["confusion"], dtype=np.int64).reshape(k, k) for m in metrics)
     counts = np.array([int(m["num-examples"]) for m in metrics])
     losses = np.array([float(m["eval-loss"]) for m in metrics])
     site_auc = {
-        name: {cls: hist.auc(i) for i, cls in enumerate(class_names)} | {"macro": hist.macro_auc()}
-        for name, hist in zip(site_names, histograms, strict=True)
+        name: {cls: summary.auc(i) for i, cls in enumerate(class_names)} | {"macro": summary.macro_auc()}
+        for name, summary, shared in zip(site_names, summaries, shares_site_auc, strict=True)
+        if shared
     }
     return PooledEvaluation(
-        report=report_from_counts(ScoreHistogram.merge(histograms), confusion, class_names),
+        report=report_from_summary(ScoreSummary.merge(summaries), confusion, class_names),
         loss=float(np.average(losses, weights=counts)) if counts.sum() else float("nan"),
         num_examples=int(counts.sum()),
         site_auc=site_auc,

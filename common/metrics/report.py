@@ -1,9 +1,9 @@
 """Classification reports: accuracy, per-class precision/recall/F1 and one-vs-rest ROC/AUC.
 
 Centralised evaluation has every score and uses scikit-learn directly (`classification_report`).
-Federated evaluation never sees scores: sites send mergeable counts (`histogram.ScoreHistogram`
-and a confusion matrix) and the server builds the same `ClassificationReport` from their sums
-(`histogram.report_from_counts`).
+Federated evaluation never sees scores: sites send coarse, k-anonymous score summaries
+(`histogram.ScoreSummary`) and a confusion matrix, and the server builds the same
+`ClassificationReport` from them (`histogram.report_from_summary`), each AUC with its bound.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class ClassMetrics(BaseModel):
     f1: float
     auc: float | None
     roc: RocCurve | None
+    # Federated reports: the AUC of the concatenated scores lies within this of `auc` (None: exact).
+    auc_bound: float | None = None
 
 
 class ClassificationReport(BaseModel):
@@ -39,6 +41,7 @@ class ClassificationReport(BaseModel):
     macro_recall: float
     macro_f1: float
     macro_auc: float | None
+    macro_auc_bound: float | None = None
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]]
 
