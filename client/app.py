@@ -7,6 +7,7 @@ summaries, as the site's node config allows): never pixels, patient keys, file n
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,6 +105,7 @@ def train_locally(
 ) -> RecordDict:
     """One round of local training from the global `arrays`; returns the reply content and keeps
     what must stay at the site (its BatchNorm part, its optimiser moments) in `state`."""
+    started = time.perf_counter()
     config, site, model, received = _global_model_at_site(arrays, run_config, node_config, state)
     server_round = int(instruction["server-round"])
     train_config = training.TrainConfig(
@@ -139,6 +141,7 @@ def train_locally(
     )
     trained = encode_arrays(exchanged_state(model, config.bn_mode), config.update_encoding,
                             statistics=batchnorm_names(model).statistics, reference=received)
+    metrics["train-seconds"] = time.perf_counter() - started  # the site's compute, as the server cannot see it
     return RecordDict({"arrays": trained, "metrics": metrics})
 
 
@@ -151,6 +154,7 @@ def evaluate_locally(
 ) -> RecordDict:
     """Evaluate the global `arrays` (with the site's own BatchNorm part) on this site's validation
     (or, when asked, test) part."""
+    started = time.perf_counter()
     split = str(instruction.get("split", "val"))
     policy = EvaluationPolicy.from_node_config(node_config)
     policy.check(split, rois=None)
@@ -169,6 +173,7 @@ def evaluate_locally(
             "eval-accuracy": float(result.accuracy),
             "confusion": [int(count) for count in confusion.ravel()],
             **summary.to_flat(),
+            "eval-seconds": time.perf_counter() - started,
         }
     )
     site_record = ConfigRecord({"name": site_name(node_config, config), "share-site-auc": policy.share_site_auc})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from pneumofed.common.metrics.plots import plot_confusion, plot_curves, plot_roc
 from pneumofed.common.metrics.report import ClassificationReport, selection_key
 
 if TYPE_CHECKING:
-    from pneumofed.server.rounds import TrainRound
+    from pneumofed.server.rounds import RoundTiming, TrainRound
 
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"num_server_rounds", "resume", "round_timeout", "run_dir"}
@@ -104,7 +105,9 @@ class RunDirectory:
         trained: TrainRound | None,
         evaluation: PooledEvaluation | None,
         optimiser_state: dict[str, Any],
+        timing: RoundTiming | None = None,
     ) -> None:
+        recording = time.perf_counter()
         record: dict[str, Any] = {"round": server_round, **(trained.metrics if trained else {})}
         record.pop("num-examples", None)
         if evaluation is not None:
@@ -119,6 +122,8 @@ class RunDirectory:
             if key > self.best_key:
                 self.best_round, self.best_key = server_round, key
                 atomic_write(self.path / "models" / "best.pt", model_path.read_bytes())
+        if timing is not None:  # the model files are the bulk of recording; metrics.json follows
+            record["timing"] = timing.summary() | {"record-seconds": time.perf_counter() - recording}
         self._write_metrics()
         state = {
             "config": self.config.model_dump(),

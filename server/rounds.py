@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +29,10 @@ from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
-from pneumofed.common.learning.batchnorm import batchnorm_names
 from pneumofed.common.learning.modelfile import load_model_file, require_compatible
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.strategy import SERVER_OPTIMISERS, build_strategy, optimiser_state, restore_optimiser_state
-from pneumofed.server.validation import evaluation_problem, outlying_norms, update_norm, update_problem
+from pneumofed.server.validation import as_numpy, evaluation_problem, outlying_norms, update_norm, update_problem
 
 log = logging.getLogger("pneumofed.server")
 
@@ -44,6 +45,34 @@ class TrainRound:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """Where a round's wall time went. The sites' compute is what they report (train-seconds,
+    eval-seconds); the framework's overhead is the rest of the round beyond the slowest site of
+    each phase: messaging, (de)serialisation, process starts, aggregation and pooling."""
+
+    round_seconds: float
+    aggregate_seconds: float
+    pool_seconds: float
+    slowest_train_seconds: float
+    slowest_eval_seconds: float
+    sites_train_seconds: float  # summed over the sites: what sites sharing a CPU wait for
+    sites_eval_seconds: float
+
+    def summary(self) -> dict[str, float]:
+        overhead = self.round_seconds - self.slowest_train_seconds - self.slowest_eval_seconds
+        return {name.replace("_", "-"): value for name, value in vars(self).items()} | {"overhead-seconds": overhead}
+
+
+def _reported(replies: Iterable[Message], key: str) -> list[float]:
+    """The compute times the replies report under `key` (replies without a usable one are left out)."""
+    return [
+        float(metrics[key]) for reply in replies if not reply.has_error()
+        for metrics in reply.content.metric_records.values()
+        if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key]) and metrics[key] >= 0
+    ]
 
 
 def initial_arrays(config: FederatedConfig) -> ArrayRecord:
@@ -125,9 +154,11 @@ def aggregate_train_round(
     statistics are averaged plainly, as no optimiser step means anything for them (a momentum
     step can drive a variance negative).
     """
-    statistics = batchnorm_names(config.build_model()).statistics & set(global_arrays.keys())
+    statistics = config.batchnorm_statistics() & set(global_arrays.keys())
     variances = {name for name in statistics if name.endswith("running_var")}
     sound, problems = [], {}
+    global_values = as_numpy(global_arrays)
+    reply_values: dict[int, dict[str, np.ndarray]] = {}
     # Replies arrive in network order; aggregating them in node order makes the aggregate (and a
     # resumed run) reproducible to the last bit.
     for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
@@ -142,18 +173,18 @@ def aggregate_train_round(
             except ValueError as error:
                 problems[node] = f"its arrays are not encoded as update-encoding={config.update_encoding} says: {error}"
                 continue
-            problem = update_problem(global_arrays, decoded.content, config.max_update_ratio, variances,
+            records = list(decoded.content.array_records.values())
+            values = as_numpy(records[0]) if len(records) == 1 else {}
+            problem = update_problem(global_values, decoded.content, values, config.max_update_ratio, variances,
                                      declarations[node].num_examples)
             if problem is None:
                 sound.append(decoded)
+                reply_values[node] = values
             else:
                 problems[node] = problem
     # Trained parameters only: BatchNorm statistics move by recalibration, not by optimiser steps,
     # and would dominate (and hide) the size of the step itself.
-    norms = {
-        reply.metadata.src_node_id: update_norm(global_arrays, next(iter(reply.content.array_records.values())), statistics)
-        for reply in sound if not reply.has_error()
-    }
+    norms = {node: update_norm(global_values, values, statistics) for node, values in reply_values.items()}
     problems |= outlying_norms(norms, config.max_update_median_ratio)
     accepted = [reply for reply in sound if reply.metadata.src_node_id not in problems]
     rejected = []
@@ -166,7 +197,7 @@ def aggregate_train_round(
         averaged = aggregate_arrayrecords(contents, "num-examples")
         arrays = ArrayRecord({name: averaged[name] if name in statistics else array for name, array in arrays.items()})
     return TrainRound(
-        arrays=None if arrays is None else _in_dtypes_of(global_arrays, arrays),
+        arrays=None if arrays is None else _in_dtypes_of(global_values, arrays),
         metrics={} if metrics is None else {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
         rejected=rejected,
         participants=[reply.metadata.src_node_id for reply in accepted if not reply.has_error()],
@@ -194,7 +225,7 @@ def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, confi
     """`messages` built by the strategy from the fp32 global `arrays`, carrying them encoded as
     `update-encoding` says. Encoded here, after the strategy: FedOpt and FedAvgM keep the arrays
     they are configured with and take their next step from them."""
-    statistics = batchnorm_names(config.build_model()).statistics
+    statistics = config.batchnorm_statistics()
     encoded = encode_arrays(arrays, config.update_encoding, statistics=statistics)
     messages = list(messages)
     for message in messages:
@@ -202,12 +233,12 @@ def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, confi
     return messages
 
 
-def _in_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
+def _in_dtypes_of(reference: Mapping[str, np.ndarray], arrays: ArrayRecord) -> ArrayRecord:
     # Server optimisers (FedAdam's moments) compute in float64; sites train in float32 and
     # their next updates are checked against the global model's dtypes.
     return ArrayRecord(
         {
-            name: torch.from_numpy(array.numpy().astype(reference[name].numpy().dtype, copy=False))
+            name: torch.from_numpy(array.numpy().astype(reference[name].dtype, copy=False))
             for name, array in arrays.items()
         }
     )
@@ -257,22 +288,34 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     evaluation: PooledEvaluation | None = None
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
+        started = time.perf_counter()
         instructions = encoded_instructions(
             strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid), arrays, config
         )
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
-        trained = aggregate_train_round(
-            strategy, server_round, arrays, grid.send_and_receive(instructions, timeout=config.round_timeout), config,
-            declarations,
-        )
+        train_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+        aggregating = time.perf_counter()
+        trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
+        aggregated = time.perf_counter()
         if trained.arrays is not None:
             arrays = trained.arrays
         instructions = encoded_instructions(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid), arrays, config
         )
-        evaluation = pool_replies(grid.send_and_receive(instructions, timeout=config.round_timeout), config.classes)
-        run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy))
+        evaluate_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+        pooling = time.perf_counter()
+        evaluation = pool_replies(evaluate_replies, config.classes)
+        timing = RoundTiming(
+            round_seconds=time.perf_counter() - started,
+            aggregate_seconds=aggregated - aggregating,
+            pool_seconds=time.perf_counter() - pooling,
+            slowest_train_seconds=max(_reported(train_replies, "train-seconds"), default=0.0),
+            slowest_eval_seconds=max(_reported(evaluate_replies, "eval-seconds"), default=0.0),
+            sites_train_seconds=sum(_reported(train_replies, "train-seconds")),
+            sites_eval_seconds=sum(_reported(evaluate_replies, "eval-seconds")),
+        )
+        run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy), timing)
     run.write_plots(evaluation)
     best = run.best_arrays()
     if best is None:

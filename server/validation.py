@@ -7,7 +7,7 @@ and the round goes on with the others: no single site, faulty or hostile, can st
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -15,14 +15,21 @@ from flwr.app import ArrayRecord, RecordDict
 from pneumofed.common.metrics.histogram import ScoreSummary
 
 
+def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Every array deserialised once: Flower's `Array.numpy()` parses the bytes anew on each call."""
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
 def update_problem(
-    global_arrays: ArrayRecord,
+    global_values: Mapping[str, np.ndarray],
     reply: RecordDict,
+    values: Mapping[str, np.ndarray],
     max_update_ratio: float,
     variances: Collection[str] = (),
     declared_examples: int | None = None,
 ) -> str | None:
-    """Why this training reply must not be aggregated, or None when it is sound.
+    """Why this training reply must not be aggregated, or None when it is sound; `values` are its
+    arrays (`as_numpy`), `global_values` the global model's.
 
     The norm bound is relative: ||client - global|| <= max_update_ratio * ||global||. Arrays named
     in `variances` (BatchNorm running variances) must be positive everywhere. `num-examples` may
@@ -37,37 +44,37 @@ def update_problem(
         return f"num-examples must be a positive integer, got {num_examples!r}"
     if declared_examples is not None and num_examples > declared_examples:
         return f"num-examples {num_examples} exceeds the {declared_examples} training ROIs the site declared"
-    arrays = next(iter(reply.array_records.values()))
-    if list(arrays.keys()) != list(global_arrays.keys()):
-        return f"array keys differ from the global model ({len(arrays)} vs {len(global_arrays)} arrays)"
-    for name, expected in global_arrays.items():
-        received = arrays[name]
-        if tuple(received.shape) != tuple(expected.shape):
-            return f"{name}: shape {tuple(received.shape)} != {tuple(expected.shape)}"
+    if list(values.keys()) != list(global_values.keys()):
+        return f"array keys differ from the global model ({len(values)} vs {len(global_values)} arrays)"
+    for name, expected in global_values.items():
+        received = values[name]
+        if received.shape != expected.shape:
+            return f"{name}: shape {received.shape} != {expected.shape}"
         if received.dtype != expected.dtype:
             return f"{name}: dtype {received.dtype} != {expected.dtype}"
-        values = received.numpy()
-        if not np.isfinite(values).all():
+        if not np.isfinite(received).all():
             return f"{name}: contains NaN or infinite values"
-        if name in variances and not (values > 0).all():
+        if name in variances and not (received > 0).all():
             return f"{name}: a BatchNorm variance is not positive"
-    ratio = update_norm(global_arrays, arrays) / max(_norm(global_arrays), 1e-12)
+    ratio = update_norm(global_values, values) / max(_norm(global_values), 1e-12)
     if ratio > max_update_ratio:
         return f"update norm is {ratio:.3g}x the global model's (bound {max_update_ratio:g}x)"
     return None
 
 
-def update_norm(global_arrays: ArrayRecord, arrays: ArrayRecord, excluded: Collection[str] = ()) -> float:
-    """||arrays - global_arrays|| over the arrays not named in `excluded` (float64)."""
+def update_norm(
+    global_values: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray], excluded: Collection[str] = ()
+) -> float:
+    """||values - global_values|| over the arrays not named in `excluded` (float64)."""
     return math.sqrt(sum(
-        float(np.sum((arrays[name].numpy().astype(np.float64) - reference.numpy()) ** 2))
-        for name, reference in global_arrays.items()
+        float(np.sum((values[name].astype(np.float64) - reference) ** 2))
+        for name, reference in global_values.items()
         if name not in excluded
     ))
 
 
-def _norm(arrays: ArrayRecord) -> float:
-    return math.sqrt(sum(float(np.sum(array.numpy().astype(np.float64) ** 2)) for array in arrays.values()))
+def _norm(values: Mapping[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(array.astype(np.float64) ** 2)) for array in values.values()))
 
 
 def outlying_norms(norms: dict[int, float], max_median_ratio: float) -> dict[int, str]:

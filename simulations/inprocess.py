@@ -57,7 +57,9 @@ class InProcessGrid:
         try:
             return Message(self.handle(message), reply_to=message)
         except Exception as error:  # noqa: BLE001  (Flower's run_clientapp catches every exception too)
-            log.error("node %s: the ClientApp raised an exception", message.metadata.dst_node_id, exc_info=error)
+            refused = isinstance(error, PermissionError)  # the site's own policy, not a fault: no traceback
+            log.log(logging.INFO if refused else logging.ERROR, "node %s: the ClientApp raised %r",
+                    message.metadata.dst_node_id, error, exc_info=None if refused else error)
             reason = f"{type(error)}:<'{error}'>"
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 

@@ -232,8 +232,8 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_
         np.testing.assert_array_equal(array.numpy(), aggregates[1][name].numpy())
 
 
-METRIC_KEYS_TRAIN = {"num-examples", "train-loss", "train-accuracy"}
-METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "confusion"}
+METRIC_KEYS_TRAIN = {"num-examples", "train-loss", "train-accuracy", "train-seconds"}
+METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "confusion", "eval-seconds"}
 
 
 def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metrics(synthetic_sites, tmp_path, flower_identity):
@@ -262,6 +262,23 @@ def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metr
             _assert_no_reported_score_singles_out_a_roi(metrics)
         for value in metrics.values():
             assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), "scores must be counted, not listed"
+
+
+def test_each_round_records_where_its_time_went(synthetic_sites, tmp_path, flower_identity):
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
+    history = json.loads((run.path / "metrics.json").read_text())
+    reported = {kind: [float(m[f"{kind}-seconds"]) for r in grid.replies for m in r.content.metric_records.values()
+                       if f"{kind}-seconds" in m] for kind in ("train", "eval")}
+    assert len(reported["train"]) == 2 * len(synthetic_sites) and min(reported["train"]) > 0
+    for record in history:
+        timing = record["timing"]
+        assert timing["slowest-train-seconds"] in reported["train"]
+        assert timing["slowest-eval-seconds"] in reported["eval"]
+        # In one process the sites run one after another: the round lasts at least their sum.
+        assert timing["round-seconds"] >= timing["slowest-train-seconds"] + timing["slowest-eval-seconds"]
+        assert timing["overhead-seconds"] == pytest.approx(
+            timing["round-seconds"] - timing["slowest-train-seconds"] - timing["slowest-eval-seconds"])
+        assert 0 < timing["aggregate-seconds"] < timing["round-seconds"] and timing["record-seconds"] > 0
 
 
 def _assert_no_reported_score_singles_out_a_roi(metrics) -> None:

@@ -46,7 +46,7 @@ def load_site(data_path: str | Path, seed: int, required: StoreRequirements | No
     return _load_site_cached(path, index_file.stat().st_mtime_ns, seed, required)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1024)  # a simulation worker serves many sites, each message anew
 def _load_site_cached(path: Path, _index_mtime_ns: int, seed: int, required: StoreRequirements | None) -> SiteData:
     # Keyed on the index's mtime so a re-prepared store is picked up by long-lived workers.
     (store,) = open_stores([path], required)

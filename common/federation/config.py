@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from pneumofed.common.federation.encoding import UpdateEncoding
 from pneumofed.common.federation.exchange import BatchNormMode
+from pneumofed.common.learning.batchnorm import batchnorm_names
 from pneumofed.common.learning.models import MODEL_NAMES, build_model
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]
@@ -106,9 +108,18 @@ class FederatedConfig(BaseModel):
         """A freshly initialised network of the run's architecture, width and classes (1-channel ROIs)."""
         return build_model(self.model, len(self.classes), in_channels=1, width=self.model_width)
 
+    def batchnorm_statistics(self) -> frozenset[str]:
+        """Names of the model's BatchNorm running statistics, without building a model per message."""
+        return _batchnorm_statistics(self.model, len(self.classes), self.model_width)
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederatedConfig:
         return cls.model_validate(dict(run_config))
 
     def to_run_config(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
+
+
+@lru_cache
+def _batchnorm_statistics(model: str, num_classes: int, width: float) -> frozenset[str]:
+    return batchnorm_names(build_model(model, num_classes, in_channels=1, width=width)).statistics
