@@ -36,5 +36,6 @@ def test_simulate_runs_the_real_apps_on_flower_and_stops_its_superlink(synthetic
     assert set(history[-1]["site-auc"]) == {site.name for site in synthetic_sites[:2]}
     assert json.loads((run_dir / "final.json").read_text())["split"] == "test"
     assert (run_dir / "plots" / "roc.png").is_file()
-    assert f"run directory: {run_dir}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"run directory: {run_dir}" in out and "pooled validation macro AUC by round: " in out
     assert not _superlinks_started_by_pneumofed(), "the local SuperLink outlived the simulation"

@@ -7,6 +7,7 @@ preparing them on first use (later runs reuse both).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import tomllib
 from pathlib import Path
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not (run_dir / "metrics.json").is_file():
         print(f"simulation finished without results in {run_dir}; see the log above")
         return 1
+    print(learning_summary(run_dir))
     print(f"run directory: {run_dir}")
     print(f"plots: {run_dir / 'plots'}")
     if (run_dir / "report.html").is_file():
@@ -96,3 +98,21 @@ def _parse_override(item: str) -> tuple[str, object]:
         return key.strip(), tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return key.strip(), value
+
+
+def learning_summary(run_dir: Path) -> str:
+    """Whether the federation learned: the pooled validation macro AUC of every round, and the
+    best round's on the sites' test parts, with how far the sites' coarse score summaries let
+    each be from the exact AUC."""
+    def line(label: str, records: list[dict]) -> str:
+        values = ", ".join("-" if r.get("macro_auc") is None else f"{r['macro_auc']:.3f}" for r in records)
+        bounds = [r["macro_auc_bound"] for r in records if r.get("macro_auc_bound") is not None]
+        within = f" (within {max(bounds):.2f} of the exact AUC)" if bounds else ""
+        return f"{label}: {values}{within}"
+
+    lines = [line("pooled validation macro AUC by round", json.loads((run_dir / "metrics.json").read_text()))]
+    final = run_dir / "final.json"
+    if final.is_file():
+        summary = json.loads(final.read_text())
+        lines.append(line(f"macro AUC of the best round ({summary.get('best-round', '?')}) on the sites' test parts", [summary]))
+    return "\n".join(lines)
