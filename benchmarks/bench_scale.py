@@ -2,11 +2,11 @@
 
 Cuts 50, 200 and 500 (by default) patient-grouped IID sites of a few ROIs each from three pooled
 synthetic hospitals and runs the real Flower simulation (`pneumofed simulate`, Ray) on each, with
-`fraction-train` sites training per round. Memory is the peak over the run of the summed
-proportional set size (PSS: shared pages split between their users, so Ray's shared object store
-is counted once) of every process the run started, the detached SuperLink and Ray's workers
-included; they are found by a marker variable in their environment. Targets (issue #12): peak
-<= 8 GiB at 500 sites, and a time per round that grows linearly with the sites taking part.
+`fraction-train` sites training per round. Memory is the peak over the run of the summed resident
+set size of every process the run started, the detached SuperLink and Ray's workers included
+(`experiment.ProcessTreeMemory`; pages shared between processes count once per process, so this
+is an upper bound). Targets (issue #12): peak <= 8 GiB at 500 sites, and a time per round that
+grows linearly with the sites taking part.
 
     .venv/bin/python benchmarks/bench_scale.py [--sites 50 200 500] [--rois-per-site 14] [--data-dir DIR]
 """
@@ -14,74 +14,27 @@ included; they are found by a marker variable in their environment. Targets (iss
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
-import psutil
-
+from pneumofed.simulations.experiment import ProcessTreeMemory
 from pneumofed.simulations.partition import PartitionConfig, partition_stores
 from pneumofed.simulations.sites import synthetic_sites
 
-MARKER = "PNEUMOFED_BENCH_RUN"
 ROI_SIZE = 32
 
 
-def _tagged(tag: str) -> list[psutil.Process]:
-    processes = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(MARKER) == tag:
-                processes.append(process)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return processes
-
-
-class PeakMemory:
-    """Samples the summed PSS of the tagged processes every `interval` seconds in a thread."""
-
-    def __init__(self, tag: str, interval: float = 1.0) -> None:
-        self.tag, self.interval, self.peak_bytes = tag, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            total = 0
-            for process in _tagged(self.tag):
-                try:
-                    total += process.memory_full_info().pss
-                except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                    continue
-            self.peak_bytes = max(self.peak_bytes, total)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def round_seconds(run_dir: Path) -> list[float]:
-    """Time between consecutive round records in the run's audit (the first one from the run start)."""
-    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines() if line.strip()]
-    stamps = [dt.datetime.fromisoformat(e["time"]).timestamp() for e in events if e["event"] in ("run-started", "round")]
-    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+    """Each round's wall time as the run recorded it (metrics.json `timing`)."""
+    return [record["timing"]["round-seconds"] for record in json.loads((run_dir / "metrics.json").read_text())]
 
 
 def run_scale(sites: list[Path], run_dir: Path, fraction_train: float, rounds: int) -> dict[str, float]:
-    tag = uuid.uuid4().hex
     command = [
         str(Path(sys.executable).parent / "pneumofed"), "simulate", "--sites", *map(str, sites),
         "--rounds", str(rounds), "--local-epochs", "1", "--roi-size", str(ROI_SIZE), "--run-dir", str(run_dir),
@@ -89,14 +42,14 @@ def run_scale(sites: list[Path], run_dir: Path, fraction_train: float, rounds: i
         "--set", f"fraction-evaluate={fraction_train}",
     ]
     started = time.monotonic()
-    with PeakMemory(tag) as memory:
-        completed = subprocess.run(command, env=os.environ | {MARKER: tag}, capture_output=True, text=True)
+    with ProcessTreeMemory() as memory:
+        completed = subprocess.run(command, capture_output=True, text=True)
     wall = time.monotonic() - started
     if completed.returncode != 0:
         raise RuntimeError(f"simulate failed with {completed.returncode}:\n{completed.stdout[-3000:]}{completed.stderr[-3000:]}")
     per_round = round_seconds(run_dir)
     return {"wall_s": wall, "round_s": sum(per_round[1:]) / max(1, len(per_round) - 1), "first_round_s": per_round[0],
-            "peak_gib": memory.peak_bytes / 2**30}
+            "peak_gib": memory.peak_gib}
 
 
 def main() -> int:
