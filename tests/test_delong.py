@@ -10,6 +10,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from pneumofed.common.metrics.delong import delong_auc_ci, delong_covariance, delong_test
+from pneumofed.common.metrics.intervals import hanley_mcneil_auc_ci
 
 Z95 = 1.959963984540054
 
@@ -239,3 +240,19 @@ def test_a_clearly_better_model_is_significant_and_a_relabelled_copy_is_not():
 def test_bad_inputs_are_rejected(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_hanley_mcneil_standard_error_of_their_rating_example_is_the_published_0_032():
+    auc = 1321 / 1479  # the rating table's AUC, 0.893 as published
+    low, high = hanley_mcneil_auc_ci(auc, sum(ABNORMAL_COUNTS), sum(NORMAL_COUNTS))
+    assert (low + high) / 2 == pytest.approx(auc)
+    assert round((high - low) / 2 / Z95, 3) == 0.032
+
+
+def test_hanley_mcneil_interval_is_widened_by_the_aucs_bound_and_stays_in_0_1():
+    plain = hanley_mcneil_auc_ci(0.8, 30, 60)
+    widened = hanley_mcneil_auc_ci(0.8, 30, 60, bound=0.05)
+    assert widened == pytest.approx((plain[0] - 0.05, plain[1] + 0.05))
+    assert hanley_mcneil_auc_ci(0.98, 10, 10, bound=0.1)[1] == 1.0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        hanley_mcneil_auc_ci(0.8, 0, 10)

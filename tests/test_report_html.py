@@ -35,9 +35,12 @@ def _evaluation(macro_auc: float, aucs: list[float | None]) -> dict[str, Any]:
     return {
         "eval-loss": 1.0382980292873865, "num-examples": 19, "num_samples": 19, "accuracy": 0.47368421052631576,
         "macro_precision": 0.3428571428571428, "macro_recall": 0.3968253968253968, "macro_f1": 0.3333333333333333,
-        "macro_auc": macro_auc,
-        "per_class": [{"name": name, "support": 6, "precision": 0.5, "recall": 0.25, "f1": 0.3333, "auc": auc}
+        "macro_auc": macro_auc, "macro_auc_bound": 0.1125,
+        "per_class": [{"name": name, "support": 6, "precision": 0.5, "recall": 0.25, "f1": 0.3333, "auc": auc,
+                       "auc_bound": None if auc is None else 0.125}
                       for name, auc in zip(CLASSES, aucs, strict=True)],
+        "auc-ci-hanley-mcneil": {name: [auc - 0.3, min(1.0, auc + 0.3)]
+                                 for name, auc in zip(CLASSES, aucs, strict=True) if auc is not None},
         "confusion_matrix": [[6, 1, 0], [6, 3, 0], [2, 1, 0]],
         "site-auc": {"hospital-1": {"nodule": 0.6, "interstitial": 1.0, "emphysema": None, "macro": 0.8},
                      HOSTILE_SITE: {"nodule": 0.375, "interstitial": 0.5555555555555556, "emphysema": 0.0,
@@ -101,6 +104,8 @@ def _assert_numbers_match_the_files(page: str, run: Path) -> None:
     expected = {"final-macro-auc": final["macro_auc"], "last-round-macro-auc": last["macro_auc"],
                 "round-2-macro-auc": last["macro_auc"]}
     expected |= {f"final-auc-{c['name']}": c["auc"] for c in final["per_class"]}
+    expected |= {f"final-auc-bound-{c['name']}": c["auc_bound"] for c in final["per_class"]}
+    expected["final-macro-auc-bound"] = final["macro_auc_bound"]
     expected |= {f"final-site-{site}-macro-auc": aucs["macro"] for site, aucs in final["site-auc"].items()}
     for name, value in expected.items():
         shown_value, shown_text = cells[name]
@@ -118,6 +123,7 @@ def test_the_report_shows_the_metrics_as_read_from_the_run_files(run_dir: Path) 
     _assert_numbers_match_the_files(page, run_dir)
     assert ">0.629<" in page and ">0.595<" in page and ">0.689<" in page  # final macro and per-class AUCs
     assert "DP: off" in page and ">shared<" in page
+    assert "95 % CI (Hanley-McNeil + bound)" in page and "[0.295, 0.895]" in page  # nodule's CI, as recorded
     assert "hospital-1" in page and "Each site alone" in page
     assert "update norm is 12x &lt;b&gt;bound&lt;/b&gt;" in page  # the rejected update, with its reason
 

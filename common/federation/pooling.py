@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from pneumofed.common.metrics.histogram import ScoreSummary, report_from_summary
+from pneumofed.common.metrics.intervals import hanley_mcneil_auc_ci
 from pneumofed.common.metrics.report import ClassificationReport
 
 
@@ -23,11 +24,23 @@ class PooledEvaluation:
     site_auc: dict[str, dict[str, float | None]] = field(default_factory=dict)  # sites that share theirs
     rejected: list[dict[str, Any]] = field(default_factory=list)  # replies dropped, with the reason
 
+    def auc_ci(self) -> dict[str, list[float]]:
+        """Per class, Hanley & McNeil's 95 % CI widened by the AUC's bound (no scores are pooled)."""
+        intervals = {}
+        for metrics in self.report.per_class:
+            positives = metrics.support
+            if metrics.auc is not None:
+                low, high = hanley_mcneil_auc_ci(metrics.auc, positives, self.num_examples - positives,
+                                                 bound=metrics.auc_bound or 0.0)
+                intervals[metrics.name] = [low, high]
+        return intervals
+
     def summary(self) -> dict[str, Any]:
         return {
             "eval-loss": self.loss,
             "num-examples": self.num_examples,
             **self.report.model_dump(mode="json", exclude={"per_class": {"__all__": {"roc"}}}),
+            "auc-ci-hanley-mcneil": self.auc_ci(),
             "site-auc": self.site_auc,
             "rejected-evaluations": self.rejected,
         }

@@ -239,11 +239,12 @@ def _evaluation(evaluation: Mapping[str, Any], prefix: str, roc: bytes | None, c
     """Pooled table beside the per-site one, then the pooled ROC and the confusion matrix."""
     classes = [c["name"] for c in evaluation.get("per_class", [])]
     tables = [_pooled_table(evaluation, prefix), _site_table(evaluation.get("site-auc", {}), classes, prefix)]
-    has_ci = "auc-ci" in evaluation or "auc-ci-delong" in evaluation
-    note = "" if has_ci else (
-        '<p class="note">No 95 % CI is recorded for a federated evaluation: sites send counts, never scores, '
-        "so there is nothing to resample; <code>pneumofed evaluate models/best.pt</code> on a site's store "
-        "gives bootstrap and DeLong CIs there.</p>")
+    federated = "auc-ci-hanley-mcneil" in evaluation
+    note = "" if not federated else (
+        '<p class="note">Sites send coarse score summaries, never scores: each pooled AUC is within its bound '
+        "of the AUC of the sites' scores, and its 95 % CI is Hanley &amp; McNeil's (from the AUC and the class "
+        "counts) widened by that bound; <code>pneumofed evaluate models/best.pt</code> on a site's store gives "
+        "bootstrap and DeLong CIs there.</p>")
     figures = [_image(roc, "pooled ROC per class"), _image(confusion, "confusion matrix"),
                _confusion_table(evaluation.get("confusion_matrix", []), classes)]
     return (f'<div class="side-by-side">{"".join(tables)}</div>{note}'
@@ -251,21 +252,28 @@ def _evaluation(evaluation: Mapping[str, Any], prefix: str, roc: bytes | None, c
 
 
 def _pooled_table(evaluation: Mapping[str, Any], prefix: str) -> str:
-    bootstrap, delong = evaluation.get("auc-ci") or {}, evaluation.get("auc-ci-delong") or {}
-    rows = [
-        [_cell(c["name"]), _cell(c["support"]), _metric(c["precision"]), _metric(c["recall"]), _metric(c["f1"]),
-         _metric(c["auc"], f"{prefix}-auc-{c['name']}"), _interval(bootstrap.get(c["name"])),
-         _interval(delong.get(c["name"]))]
-        for c in evaluation.get("per_class", [])
-    ]
-    rows.append([_cell("macro"), _cell(evaluation.get("num-examples")), _metric(evaluation.get("macro_precision")),
-                 _metric(evaluation.get("macro_recall")), _metric(evaluation.get("macro_f1")),
-                 _metric(evaluation.get("macro_auc"), f"{prefix}-macro-auc"),
-                 _interval(evaluation.get("macro-auc-ci")), "<td>–</td>"])
     caption = f"Pooled over sites (accuracy {format_metric(evaluation.get('accuracy'))}, " \
               f"loss {format_metric(evaluation.get('eval-loss'))})"
-    return _table(["class", "support", "precision", "recall", "F1", "AUC", "bootstrap 95 % CI", "DeLong 95 % CI"],
-                  rows, caption)
+    head = ["class", "support", "precision", "recall", "F1", "AUC"]
+    macro = [_cell("macro"), _cell(evaluation.get("num-examples")), _metric(evaluation.get("macro_precision")),
+             _metric(evaluation.get("macro_recall")), _metric(evaluation.get("macro_f1")),
+             _metric(evaluation.get("macro_auc"), f"{prefix}-macro-auc")]
+    rows = [
+        [_cell(c["name"]), _cell(c["support"]), _metric(c["precision"]), _metric(c["recall"]), _metric(c["f1"]),
+         _metric(c["auc"], f"{prefix}-auc-{c['name']}")]
+        for c in evaluation.get("per_class", [])
+    ]
+    if "auc-ci-hanley-mcneil" in evaluation:  # a federated evaluation: counts, no scores
+        hanley = evaluation["auc-ci-hanley-mcneil"]
+        for row, c in zip(rows, evaluation.get("per_class", []), strict=True):
+            row += [_metric(c.get("auc_bound"), f"{prefix}-auc-bound-{c['name']}"), _interval(hanley.get(c["name"]))]
+        rows.append(macro + [_metric(evaluation.get("macro_auc_bound"), f"{prefix}-macro-auc-bound"), "<td>–</td>"])
+        return _table(head + ["AUC bound", "95 % CI (Hanley-McNeil + bound)"], rows, caption)
+    bootstrap, delong = evaluation.get("auc-ci") or {}, evaluation.get("auc-ci-delong") or {}
+    for row, c in zip(rows, evaluation.get("per_class", []), strict=True):
+        row += [_interval(bootstrap.get(c["name"])), _interval(delong.get(c["name"]))]
+    rows.append(macro + [_interval(evaluation.get("macro-auc-ci")), "<td>–</td>"])
+    return _table(head + ["bootstrap 95 % CI", "DeLong 95 % CI"], rows, caption)
 
 
 def _site_table(site_auc: Mapping[str, Mapping[str, float | None]], classes: Sequence[str], prefix: str) -> str:

@@ -1,11 +1,12 @@
-"""Percentile-bootstrap confidence intervals of per-class and macro AUC."""
+"""Confidence intervals of per-class and macro AUC: percentile bootstrap from the scores, and
+Hanley & McNeil's from an AUC and its class counts alone (what a federated evaluation has)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import norm, rankdata
 
 from pneumofed.common.metrics.report import validate_scores
 
@@ -68,3 +69,24 @@ def bootstrap_macro_auc_ci(
     classes = [k for k in range(probs.shape[1]) if (y == k).any() and not (y == k).all()]
     _check_bootstrap(y, classes or [0], n_boot, confidence)
     return _percentile_ci(_bootstrap_aucs(y, probs, classes, n_boot, seed).mean(axis=1), confidence)
+
+
+def hanley_mcneil_auc_ci(
+    auc: float, positives: int, negatives: int, confidence: float = 0.95, bound: float = 0.0
+) -> tuple[float, float]:
+    """auc +- (bound + z * SE), clipped to [0, 1], with Hanley & McNeil's (1982) standard error
+
+        SE^2 = (A (1 - A) + (P - 1)(Q1 - A^2) + (N - 1)(Q2 - A^2)) / (P N),  Q1 = A / (2 - A),  Q2 = 2 A^2 / (1 + A),
+
+    which needs no scores. `bound` is how far `auc` itself may be from the AUC of the scores (a
+    federated AUC from coarse summaries): the interval is widened by it.
+    """
+    if positives < 1 or negatives < 1:
+        raise ValueError(f"an AUC needs positives and negatives, got {positives} and {negatives}")
+    if not 0.0 <= auc <= 1.0 or bound < 0 or not 0 < confidence < 1:
+        raise ValueError(f"need 0 <= auc <= 1, bound >= 0 and 0 < confidence < 1, got {auc}, {bound}, {confidence}")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (positives * negatives)
+    half_width = bound + float(norm.ppf(0.5 + confidence / 2)) * float(np.sqrt(max(variance, 0.0)))
+    return max(0.0, auc - half_width), min(1.0, auc + half_width)
+
