@@ -34,7 +34,7 @@ from pneumofed.common.federation.exchange import exchanged_state, load_exchanged
 from pneumofed.common.federation.site_policy import EvaluationPolicy
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
-from pneumofed.common.learning.batchnorm import batchnorm_names, recalibrate_batchnorm
+from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
 from pneumofed.common.metrics.histogram import ScoreSummary
 from pneumofed.common.metrics.report import confusion_counts
 
@@ -82,7 +82,7 @@ def _global_model_at_site(
     config = FederatedConfig.from_run_config(run_config)
     site = _site_data(node_config, config)
     model = config.build_model()
-    received = decode_arrays(arrays, config.update_encoding, statistics=batchnorm_names(model).statistics)
+    received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
     local = state.array_records.get(LOCAL_BATCHNORM)
     load_exchanged_state(model, received.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
     return config, site, model, received
@@ -140,7 +140,7 @@ def train_locally(
         }
     )
     trained = encode_arrays(exchanged_state(model, config.bn_mode), config.update_encoding,
-                            statistics=batchnorm_names(model).statistics, reference=received)
+                            statistics=config.batchnorm_statistics(), reference=received)
     metrics["train-seconds"] = time.perf_counter() - started  # the site's compute, as the server cannot see it
     return RecordDict({"arrays": trained, "metrics": metrics})
 
