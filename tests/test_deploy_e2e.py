@@ -7,16 +7,10 @@ Every process is started from the shipped kit scripts in its own session and sto
 from __future__ import annotations
 
 import http.client
-import json
-import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,7 +19,7 @@ import pytest
 
 from pneumofed.common.federation import audit
 from pneumofed.deploy import pki
-from pneumofed.deploy.provision import load_federation, provision
+from pneumofed.deploy.loopback import LoopbackFederation, free_port, trusting, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,71 +38,9 @@ RUN_CONFIG = (
 RUN_TIMEOUT_S = 900  # generous for shared CI runners; a dedicated 2-core machine needs about 3 minutes
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Processes:
-    """Processes started for one test module, each in its own session, stopped by pid."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir, self.env = log_dir, env
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
-        home = self.log_dir / f"flwr-home-{name}"  # Flower installs FABs under FLWR_HOME: one per process
-        with (self.log_dir / f"{name}.log").open("wb") as log:
-            process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**self.env, "FLWR_HOME": str(home), **env},
-            )
-        self.running.append(process)
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
-
-    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        """Signal the process, wait for it, then make sure nothing of its group survives."""
-        if process.poll() is None:
-            os.kill(process.pid, sig)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # children (SuperExec, app processes) of this group only
-        except ProcessLookupError:
-            pass
-        if process in self.running:
-            self.running.remove(process)
-        return process.returncode
-
-    def stop_all(self) -> None:
-        for process in reversed(list(self.running)):
-            self.stop(process)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str, check: Callable[[], None] = lambda: None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check()
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _trusting(ca: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca))
-
-
 def _raw_status(port: int, ca: Path, target: str, headers: dict[str, str]) -> int:
     """POST with `target` sent byte for byte as the request target (httpx would resolve dot segments)."""
-    connection = http.client.HTTPSConnection("localhost", port, context=_trusting(ca), timeout=10)
+    connection = http.client.HTTPSConnection("localhost", port, context=trusting(ca), timeout=10)
     try:
         connection.request("POST", target, body=b"", headers=headers)
         response = connection.getresponse()
@@ -118,41 +50,8 @@ def _raw_status(port: int, ca: Path, target: str, headers: dict[str, str]) -> in
         connection.close()
 
 
-def _responds(url: str, ca: Path, status: int) -> bool:
-    try:
-        return httpx.get(url, verify=_trusting(ca), timeout=5).status_code == status
-    except httpx.HTTPError:
-        return False
-
-
-class Federation:
-    def __init__(self, root: Path, processes: Processes, out: Path, fleet_port: int, control_port: int) -> None:
-        self.root, self.processes, self.out = root, processes, out
-        self.fleet_port, self.control_port = fleet_port, control_port
-        self.coordinator = out / "coordinator"
-        self.runtime_ports: dict[str, int] = {}
-        self.ca = self.coordinator / "ca.crt"
-
-    def hospital_kit(self, name: str) -> Path:
-        return self.out / "hospitals" / name
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.coordinator / "flwr.sh"), *args], env=self.processes.env, text=True,
-                              capture_output=True, timeout=timeout, cwd=self.root)
-
-    def nodes(self) -> list[dict]:
-        result = self.flwr("supernode", "ls", FEDERATION, "--format", "json")
-        assert result.returncode == 0, result.stdout + result.stderr
-        return json.loads(result.stdout)["nodes"]
-
-    def start_node(self, name: str, kit: Path, *extra: str) -> subprocess.Popen[bytes]:
-        self.runtime_ports[name] = _free_port()
-        return self.processes.start(name, [str(kit / "start-supernode.sh"), *extra],
-                                    PNEUMOFED_RUNTIME_PORT=str(self.runtime_ports[name]))
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFederation]:
     from pneumofed.common.data.prepare import prepare_site
     from pneumofed.common.data.synth import write_hospitals
 
@@ -161,43 +60,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     for name, hospital in zip(HOSPITALS, raw):
         prepare_site(hospital / "dicom", hospital / "annotations.csv", root / name / "roistore",
                      roi_size=ROI_SIZE, secret_path=root / name / "site-secret", workers=1)
-
-    fleet_port, control_port = _free_port(), _free_port()
-    hospitals = "".join(f'[[hospitals]]\nname = "{n}"\ndata-path = "{root / n / "roistore"}"\n' for n in HOSPITALS)
-    (root / "federation.toml").write_text(
-        f'name = "{FEDERATION}"\n{hospitals}\n[superlink]\nhosts = ["localhost"]\n'
-        f'fleet-port = {fleet_port}\ncontrol-port = {control_port}\nproxy-bind = "127.0.0.1"\n'
-    )
-    out = root / "kits"
-    provision(load_federation(root / "federation.toml"), out)
-
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }
-    processes = Processes(root, env)
-    fed = Federation(root, processes, out, fleet_port, control_port)
-    try:
-        # Unbuffered, so that its access log (client address per request) can be read while it runs.
-        superlink = processes.start("superlink", [str(fed.coordinator / "start-superlink.sh")], PYTHONUNBUFFERED="1")
-        proxy = processes.start("proxy", [str(fed.coordinator / "start-proxy.sh")])
-
-        def alive() -> None:
-            for name, process in (("superlink", superlink), ("proxy", proxy)):
-                assert process.poll() is None, f"{name} exited:\n{processes.log(name)}"
-
-        _wait_until(lambda: _responds(f"https://127.0.0.1:{control_port}/health", fed.ca, 200), 90, "the SuperLink", alive)
-        _wait_until(lambda: _responds(f"https://localhost:{fleet_port}/health", fed.ca, 403), 30, "the proxy", alive)
-        registration = subprocess.run([str(fed.coordinator / "register-hospitals.sh")], env=env, text=True,
-                                      capture_output=True, timeout=180)
-        assert registration.returncode == 0, registration.stdout + registration.stderr
+    with LoopbackFederation(root, {name: root / name / "roistore" for name in HOSPITALS}, FEDERATION) as fed:
         yield fed
-    finally:
-        processes.stop_all()
 
 
-def _node_refused(fed: Federation, name: str, kit: Path, *extra: str) -> str:
+def _node_refused(fed: LoopbackFederation, name: str, kit: Path, *extra: str) -> str:
     """Start a SuperNode that must give up on its own; return its log."""
     node = fed.start_node(name, kit, "--max-retries", "0", "--max-wait-time", "30", *extra)
     try:
@@ -208,13 +75,13 @@ def _node_refused(fed: Federation, name: str, kit: Path, *extra: str) -> str:
     return fed.processes.log(name)
 
 
-def _copy_kit(fed: Federation, name: str) -> Path:
+def _copy_kit(fed: LoopbackFederation, name: str) -> Path:
     copy = fed.root / name
     shutil.copytree(fed.hospital_kit("hospital-1"), copy)
     return copy
 
 
-def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federation: Federation) -> None:
+def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federation: LoopbackFederation) -> None:
     fed = federation
     public, private = f"https://localhost:{fed.fleet_port}", f"https://127.0.0.1:{fed.control_port}"
     headers = {"content-type": "application/protobuf", "accept": "application/protobuf"}
@@ -227,7 +94,7 @@ def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federa
         "/v1/control/../fleet/get-run", "/v1/runtime/../fleet/pull-messages", "/v1/fleet//get-run",
         "/v1/fleet/get-run?x=1",
     ]
-    with httpx.Client(verify=_trusting(fed.ca), timeout=10) as client:
+    with httpx.Client(verify=trusting(fed.ca), timeout=10) as client:
         for path in blocked:  # dot segments and encodings kept as sent by an attacker
             assert _raw_status(fed.fleet_port, fed.ca, path, headers) == 403, path
         for path in ("/docs", "/openapi.json", "/health"):
@@ -252,23 +119,23 @@ def test_control_and_runtime_apis_are_refused_on_the_hospital_facing_port(federa
     assert len(fed.nodes()) == len(HOSPITALS)
 
 
-def test_the_superlink_sees_the_proxy_peer_address_not_a_client_supplied_one(federation: Federation) -> None:
+def test_the_superlink_sees_the_proxy_peer_address_not_a_client_supplied_one(federation: LoopbackFederation) -> None:
     fed = federation
     request_line = '"POST /v1/fleet/get-run HTTP/1.1"'
     before = fed.processes.log("superlink").count(request_line)
     spoofed = {"X-Forwarded-For": "203.0.113.7", "X-Real-IP": "203.0.113.8", "Forwarded": "for=203.0.113.9",
                "content-type": "application/protobuf", "accept": "application/protobuf"}
     response = httpx.post(f"https://localhost:{fed.fleet_port}/v1/fleet/get-run", headers=spoofed, content=b"",
-                          verify=_trusting(fed.ca), timeout=10)
+                          verify=trusting(fed.ca), timeout=10)
     assert response.status_code == 401  # reached the SuperLink, which wants a registered node's signature
-    _wait_until(lambda: fed.processes.log("superlink").count(request_line) > before, 30, "the SuperLink's access log")
+    wait_until(lambda: fed.processes.log("superlink").count(request_line) > before, 30, "the SuperLink's access log")
     log = fed.processes.log("superlink")
     assert "203.0.113." not in log
     access = [line for line in log.splitlines() if request_line in line]
     assert "127.0.0.1:0 - " in access[-1], access[-1]  # uvicorn took the address nginx set (port 0: from the header)
 
 
-def test_plaintext_connections_are_refused(federation: Federation) -> None:
+def test_plaintext_connections_are_refused(federation: LoopbackFederation) -> None:
     fed = federation
     response = httpx.post(f"http://localhost:{fed.fleet_port}/v1/fleet/activate-node", timeout=10)
     assert response.status_code == 400 and "plain HTTP request was sent to HTTPS port" in response.text
@@ -276,7 +143,7 @@ def test_plaintext_connections_are_refused(federation: Federation) -> None:
         httpx.post(f"http://127.0.0.1:{fed.control_port}/v1/control/list-nodes", timeout=10)
     # A SuperNode speaking plain HTTP (Flower refuses to combine --insecure with a node key, so none is given).
     plain = fed.processes.start("plaintext-node", [
-        "flower-supernode", "--insecure", "--superlink", f"localhost:{fed.fleet_port}", "--port", str(_free_port()),
+        "flower-supernode", "--insecure", "--superlink", f"localhost:{fed.fleet_port}", "--port", str(free_port()),
         "--max-retries", "0", "--max-wait-time", "30",
     ])
     try:
@@ -288,7 +155,7 @@ def test_plaintext_connections_are_refused(federation: Federation) -> None:
     assert not any(node["status"] == "online" for node in fed.nodes())
 
 
-def test_unregistered_node_key_is_refused(federation: Federation) -> None:
+def test_unregistered_node_key_is_refused(federation: LoopbackFederation) -> None:
     fed = federation
     kit = _copy_kit(fed, "unregistered-kit")
     (kit / "node.key").write_bytes(pki.private_key_openssh(pki.new_node_key()))
@@ -297,7 +164,7 @@ def test_unregistered_node_key_is_refused(federation: Federation) -> None:
     # Without a key the SuperNode tries to register itself through the Fleet API: disabled by node auth.
     anonymous = fed.processes.start("anonymous-node", [
         "flower-supernode", "--superlink", f"localhost:{fed.fleet_port}", "--root-certificates", str(fed.ca),
-        "--port", str(_free_port()), "--max-retries", "0", "--max-wait-time", "30",
+        "--port", str(free_port()), "--max-retries", "0", "--max-wait-time", "30",
     ])
     try:
         anonymous.wait(90)
@@ -308,7 +175,7 @@ def test_unregistered_node_key_is_refused(federation: Federation) -> None:
     assert len(fed.nodes()) == len(HOSPITALS)
 
 
-def test_node_with_another_ca_is_refused(federation: Federation) -> None:
+def test_node_with_another_ca_is_refused(federation: LoopbackFederation) -> None:
     fed = federation
     kit = _copy_kit(fed, "wrong-ca-kit")
     other_ca = pki.create_ca(pki.new_tls_key(), "another-federation", days=30)
@@ -329,31 +196,16 @@ def _runtime_api_is_loopback_only_and_unauthenticated(node: subprocess.Popen[byt
     assert response.status_code == 200
 
 
-def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Federation) -> None:
+def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: LoopbackFederation) -> None:
     fed = federation
-    nodes = {name: fed.start_node(name, fed.hospital_kit(name)) for name in HOSPITALS}
-
-    def nodes_alive() -> None:
-        for name, process in nodes.items():
-            assert process.poll() is None, f"{name} exited:\n{fed.processes.log(name)}"
-
-    _wait_until(lambda: sum(n["status"] == "online" for n in fed.nodes()) == len(HOSPITALS), 120,
-                "three online SuperNodes", nodes_alive)
+    nodes = fed.start_nodes()
     for name in HOSPITALS:  # before any run exists, so no task can be taken away from a node
         _runtime_api_is_loopback_only_and_unauthenticated(nodes[name], fed.runtime_ports[name])
 
     run_dir = fed.root / "run"
-    started = fed.flwr("run", str(fed.coordinator / "flower-app"), FEDERATION, "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
-                       "--format", "json", timeout=300)
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_id = json.loads(started.stdout)["run-id"]
+    run_id = fed.submit(f"{RUN_CONFIG} run-dir='{run_dir}'")
 
-    def status() -> str:
-        listing = fed.flwr("ls", FEDERATION, "--run-id", run_id, "--format", "json")
-        return json.loads(listing.stdout)["runs"][0]["status"] if listing.returncode == 0 else "unknown"
-
-    _wait_until(lambda: status().startswith("finished"), RUN_TIMEOUT_S, f"run {run_id}", nodes_alive)
-    assert status() == "finished:completed", fed.processes.log("superlink")[-3000:]
+    assert fed.wait_for(run_id, nodes, RUN_TIMEOUT_S) == "finished:completed", fed.processes.log("superlink")[-3000:]
 
     digests_by_round: dict[int, set[str]] = {}
     for name in HOSPITALS:
