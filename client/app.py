@@ -7,11 +7,12 @@ summaries, as the site's node config allows): never pixels, patient keys, file n
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import (
@@ -19,10 +20,16 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from torch import nn
 
 from pneumofed.common.data.site import SiteData, load_site
@@ -31,18 +38,59 @@ from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
-from pneumofed.common.federation.site_policy import EvaluationPolicy
+from pneumofed.common.federation.legacy_fit import fit_reply, train_instruction
+from pneumofed.common.federation.site_policy import EvaluationPolicy, LocalModelPolicy, PrivacyBudget
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
 from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
+from pneumofed.common.learning.state import floating_state, load_floating_state
 from pneumofed.common.metrics.histogram import ScoreSummary
 from pneumofed.common.metrics.report import confusion_counts
 
-app = ClientApp()
+if TYPE_CHECKING:  # Opacus costs seconds to import: only DP-SGD rounds load privacy.py
+    from pneumofed.common.learning.privacy import DPSGD
+
+
+
+def site_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping of the site's update, for site-level DP with clipping at the
+    sites (`site-dp = client-fixed | client-adaptive`): the update is bounded before it leaves the
+    hospital. Other messages and runs pass through (Flower's mods would refuse them)."""
+    mode = FederatedConfig.from_run_config(context.run_config).site_dp
+    if msg.metadata.message_type != MessageType.TRAIN or not mode.startswith("client"):
+        return call_next(msg, context)
+    clipping = fixedclipping_mod if mode == "client-fixed" else adaptiveclipping_mod
+    return clipping(msg, context, call_next)
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for the messages of the SecAgg+ protocol (run config
+    `secure-aggregation`), which only masks legacy FitRes content: the site's training sees the plain
+    TRAIN instruction, and its update leaves the hospital masked (`common/federation/legacy_fit.py`).
+    Every other message passes through."""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+
+    def train_as_fit(legacy: Message, ctxt: Context) -> Message:
+        instruction = copy.copy(legacy)
+        instruction.content = train_instruction(legacy.content)
+        reply = call_next(instruction, ctxt)
+        protocol = SecAggPlusState(**ctxt.state.config_records[RECORD_KEY_STATE])
+        content = fit_reply(reply.content, instruction.content["arrays"], protocol.clipping_range, protocol.max_weight)
+        return Message(content, reply_to=legacy)
+
+    return secaggplus_mod(msg, context, train_as_fit)
+
+
+# Outermost first: secure_aggregation_mod turns SecAgg+'s legacy messages into the plain TRAIN
+# messages that the mods after it and the handlers read.
+MODS = [secure_aggregation_mod, site_dp_clipping_mod]
+app = ClientApp(mods=MODS)
 
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
 LOCAL_BATCHNORM = "local-batchnorm"
 OPTIMIZER_MOMENTS = "optimizer-moments"
+PRIVACY_ACCOUNTANT = "privacy-accountant"
 
 
 def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
@@ -88,12 +136,59 @@ def _global_model_at_site(
     return config, site, model, received
 
 
+def _whole_model_at_site(
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[FederatedConfig, SiteData, nn.Module]:
+    """The run's settings, this site's data and the received whole model, BatchNorm included, as it
+    is: a local-only model is scored as its site trained it, never with this site's BatchNorm."""
+    config = FederatedConfig.from_run_config(run_config)
+    site = _site_data(node_config, config)
+    model = config.build_model()
+    received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
+    load_floating_state(model, received.to_torch_state_dict())
+    return config, site, model
+
+
 def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
     """This site's class counts in its training part, for federation-wide class weights."""
     config = FederatedConfig.from_run_config(run_config)
     site = _site_data(node_config, config)
     counts = torch.bincount(site.train.labels, minlength=len(config.classes)).tolist()
     return RecordDict({"metrics": MetricRecord({"num-examples": len(site.train), "class-counts": counts})})
+
+
+def share_local_model(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+    """This site's local-only model for cross-site validation, when its node config shares one
+    (`local-model`): the model's whole floating-point state and the card fields the server checks
+    it against the run's model by. A site that shares none says so."""
+    config = FederatedConfig.from_run_config(run_config)
+    name = site_name(node_config, config)
+    shared = LocalModelPolicy.from_node_config(_with_simulated_local_model(node_config, config)).shared_model
+    site = ConfigRecord({"name": name, "shares-local-model": shared is not None})
+    if shared is None:
+        return RecordDict({"site": site})
+    model, card = shared
+    card_fields = ConfigRecord({"model": card.model, "width": card.width, "in-channels": card.in_channels,
+                                "class-names": card.class_names, "roi-size": card.roi_size})
+    return RecordDict({"arrays": ArrayRecord(floating_state(model)), "card": card_fields, "site": site})
+
+
+def _with_simulated_local_model(node_config: Mapping[str, Any], config: FederatedConfig) -> Mapping[str, Any]:
+    # A simulated node's node config is only its partition id: run config local-models stands in.
+    if "local-model" in node_config or "partition-id" not in node_config or not config.local_model_paths:
+        return node_config
+    return {**node_config, "local-model": config.local_model_paths[int(node_config["partition-id"])]}
+
+
+# What a QUERY message may ask for (its config record's `query`).
+QUERIES = {"class-counts": count_classes, "local-model": share_local_model}
+
+
+def answer_query(instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+    query_name = str(instruction.get("query", ""))
+    if query_name not in QUERIES:
+        raise ValueError(f"unknown query {query_name!r}; this site answers {', '.join(QUERIES)}")
+    return QUERIES[query_name](run_config, node_config)
 
 
 def train_locally(
@@ -104,7 +199,8 @@ def train_locally(
     state: RecordDict,
 ) -> RecordDict:
     """One round of local training from the global `arrays`; returns the reply content and keeps
-    what must stay at the site (its BatchNorm part, its optimiser moments) in `state`."""
+    what must stay at the site (its BatchNorm part, its optimiser moments, its privacy accountant)
+    in `state`."""
     started = time.perf_counter()
     config, site, model, received = _global_model_at_site(arrays, run_config, node_config, state)
     server_round = int(instruction["server-round"])
@@ -115,6 +211,7 @@ def train_locally(
         seed=_site_seed(config.seed, server_round, site_name(node_config, config)),
         progress=False,
     )
+    dp = _private_training(config, site, train_config.epochs, node_config, state)
     augment = build_augmentation(DEFAULT_AUGMENTATION) if config.augment else None
     moments = state.array_records.get(OPTIMIZER_MOMENTS) if config.keep_optimizer_state else None
     history = training.train(
@@ -125,6 +222,7 @@ def train_locally(
         proximal_mu=float(instruction.get("proximal-mu", 0.0)),
         class_weights=instruction.get("class-weights"),
         optimizer_moments=moments and moments.to_torch_state_dict(),
+        dp=dp,
     )
     # The statistics that travel (or stay) must describe the weights just trained.
     recalibrate_batchnorm(model, site.train, max(config.batch_size, 64), training.select_device("auto"))
@@ -132,17 +230,38 @@ def train_locally(
         state[LOCAL_BATCHNORM] = ArrayRecord(local_state(model, config.bn_mode))
     if config.keep_optimizer_state:
         state[OPTIMIZER_MOMENTS] = ArrayRecord(history.optimizer_moments)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(site.train),
-            "train-loss": float(history.loss[-1]),
-            "train-accuracy": float(history.accuracy[-1]),
-        }
-    )
+    metrics = MetricRecord({"num-examples": len(site.train)})
+    if dp is None:  # under DP-SGD they would be noiseless statistics of the patients' ROIs
+        metrics["train-loss"] = float(history.loss[-1])
+        metrics["train-accuracy"] = float(history.accuracy[-1])
+    else:
+        state[PRIVACY_ACCOUNTANT] = ConfigRecord(dp.account.to_record())
+        metrics["dp-epsilon"] = dp.account.epsilon(config.dp_delta)
+        metrics["dp-round-epsilon"] = dp.round_epsilon(train_config.epochs)
+        metrics["dp-delta"] = config.dp_delta
     trained = encode_arrays(exchanged_state(model, config.bn_mode), config.update_encoding,
                             statistics=config.batchnorm_statistics(), reference=received)
     metrics["train-seconds"] = time.perf_counter() - started  # the site's compute, as the server cannot see it
     return RecordDict({"arrays": trained, "metrics": metrics})
+
+
+def _private_training(
+    config: FederatedConfig, site: SiteData, epochs: int, node_config: Mapping[str, Any], state: RecordDict
+) -> DPSGD | None:
+    """This round's DP-SGD at the site (None when the run has no DP): its noise planned for the whole
+    run, its accountant continued from `state`. PermissionError when the round would overspend the
+    site's budget."""
+    if config.dp_target_epsilon == 0:
+        return None
+    from pneumofed.common.learning.privacy import DPSGD, PrivacyAccount, PrivacyPlan  # Opacus: seconds to import
+    patient_keys = site.train.patient_keys
+    plan = PrivacyPlan.for_site(target_epsilon=config.dp_target_epsilon, delta=config.dp_delta,
+                                max_grad_norm=config.dp_max_grad_norm, batch_size=config.batch_size,
+                                patients=len(set(patient_keys)), epochs=config.num_server_rounds * config.local_epochs)
+    account = PrivacyAccount.from_record(state.config_records.get(PRIVACY_ACCOUNTANT))
+    PrivacyBudget.from_node_config(node_config).check(account.epsilon_after(plan, epochs * plan.steps_per_epoch),
+                                                      config.dp_target_epsilon)
+    return DPSGD(plan, patient_keys, account)
 
 
 def evaluate_locally(
@@ -153,12 +272,16 @@ def evaluate_locally(
     state: RecordDict,
 ) -> RecordDict:
     """Evaluate the global `arrays` (with the site's own BatchNorm part) on this site's validation
-    (or, when asked, test) part."""
+    (or, when asked, test) part; with `whole-model` in the instruction, the arrays are a whole model
+    (another site's local-only one, in cross-site validation) and are used as they are."""
     started = time.perf_counter()
     split = str(instruction.get("split", "val"))
     policy = EvaluationPolicy.from_node_config(node_config)
     policy.check(split, rois=None)
-    config, site, model, _ = _global_model_at_site(arrays, run_config, node_config, state)
+    if instruction.get("whole-model", False):
+        config, site, model = _whole_model_at_site(arrays, run_config, node_config)
+    else:
+        config, site, model, _ = _global_model_at_site(arrays, run_config, node_config, state)
     data = site.part(split)
     policy.check(split, rois=len(data))
     result = training.evaluate(
@@ -200,7 +323,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    content = count_classes(context.run_config, context.node_config)
+    content = answer_query(msg.content["config"], context.run_config, context.node_config)
     _audit(context, msg, content)
     return Message(content=content, reply_to=msg)
 

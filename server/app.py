@@ -15,6 +15,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FederatedConfig.from_run_config(context.run_config)
-    run = RunDirectory.open(config, flower_run_id=context.run_id)
-    run_federation(grid, config, run)
+    with RunDirectory.open(config, flower_run_id=context.run_id) as run:
+        run_federation(grid, config, run)
     print(f"pneumofed run directory: {run.path}  (plots in {run.path / 'plots'})", flush=True)

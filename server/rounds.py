@@ -5,7 +5,8 @@ model encoded as `update-encoding` says (`encoding`); every reply is decoded to 
 validated (`validation.update_problem`) and a bad one dropped with its reason; the strategy
 aggregates the rest; the new global model is evaluated on the sites' validation parts and pooled
 (`pooling.pool_evaluations`); the run directory records the round. After the last round the model
-with the best pooled validation score is evaluated once on the sites' test parts.
+with the best pooled validation score is evaluated once on the sites' test parts (with
+`cross-site-validation`, beside the local-only models the sites share: `cross_site`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -30,8 +32,17 @@ from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
 from pneumofed.common.learning.modelfile import load_model_file, require_compatible
-from pneumofed.server.outputs import RunDirectory
-from pneumofed.server.strategy import SERVER_OPTIMISERS, build_strategy, optimiser_state, restore_optimiser_state
+from pneumofed.server.cross_site import cross_site_validation
+from pneumofed.server.outputs import RunDirectory, reported_privacy
+from pneumofed.server.secure_aggregation import train_securely
+from pneumofed.server.strategy import (
+    SERVER_OPTIMISERS,
+    UNIFORM_WEIGHT,
+    build_strategy,
+    optimiser_state,
+    restore_optimiser_state,
+    site_privacy_spent,
+)
 from pneumofed.server.validation import as_numpy, evaluation_problem, outlying_norms, update_norm, update_problem
 
 log = logging.getLogger("pneumofed.server")
@@ -45,6 +56,8 @@ class TrainRound:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
+    # Each site's DP-SGD spend as its reply states it, by node id (`outputs.reported_privacy`).
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,17 +204,37 @@ def aggregate_train_round(
     for node, problem in sorted(problems.items()):
         log.warning("round %d: dropping update from node %s: %s", server_round, node, problem)
         rejected.append({"node": node, "reason": problem})
+    if config.site_dp != "off" and rejected:
+        # The noise is calibrated to every sampled site's clipped update: an aggregate of fewer would
+        # be under-noised (Flower's wrappers skip a round with a failed site for the same reason).
+        log.warning("round %d: not aggregated, as site-dp needs every sampled site's update", server_round)
+        return TrainRound(arrays=None, metrics=site_privacy_spent(strategy), rejected=rejected)
+    if config.site_dp != "off":
+        accepted = [_weighing_one(reply) for reply in accepted]
     arrays, metrics = strategy.aggregate_train(server_round, accepted)
+    metrics = {**(metrics or {}), **site_privacy_spent(strategy)}
     if arrays is not None and statistics and config.strategy in SERVER_OPTIMISERS:
         contents = [reply.content for reply in accepted if not reply.has_error()]
         averaged = aggregate_arrayrecords(contents, "num-examples")
         arrays = ArrayRecord({name: averaged[name] if name in statistics else array for name, array in arrays.items()})
     return TrainRound(
         arrays=None if arrays is None else _in_dtypes_of(global_values, arrays),
-        metrics={} if metrics is None else {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
+        metrics={k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
         rejected=rejected,
         participants=[reply.metadata.src_node_id for reply in accepted if not reply.has_error()],
     )
+
+
+def _weighing_one(reply: Message) -> Message:
+    """`reply` with weight 1 in aggregation (site-level DP; errors stay as they are)."""
+    if reply.has_error():
+        return reply
+    weighed = copy.copy(reply)
+    weighed.content = RecordDict({
+        key: MetricRecord({**record, UNIFORM_WEIGHT: 1}) if isinstance(record, MetricRecord) else record
+        for key, record in reply.content.items()
+    })
+    return weighed
 
 
 def _decoded(reply: Message, global_arrays: ArrayRecord, config: FederatedConfig, statistics: frozenset[str]) -> Message:
@@ -278,7 +311,8 @@ def _site_label(reply: Message) -> str:
 
 def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> None:
     """The remaining rounds of `run`, then the final test evaluation of its best model."""
-    strategy = build_strategy(config)
+    # Nodes are expected to be connected when a run starts (they are asked for their declarations now).
+    strategy = build_strategy(config, max(len(list(grid.get_node_ids())), config.min_nodes))
     restore_optimiser_state(strategy, run.optimiser_state)
     arrays = run.global_arrays or initial_arrays(config)
     train_config = ConfigRecord({"local-epochs": config.local_epochs, "learning-rate": config.learning_rate})
@@ -289,15 +323,23 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
         started = time.perf_counter()
-        instructions = encoded_instructions(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid), arrays, config
-        )
+        try:
+            configured = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        except PrivacyBudgetExhausted as exhausted:
+            log.warning("round %d not started: %s (site-dp-max-epsilon)", server_round, exhausted)
+            run.audit("site-dp-budget-spent", server_round=server_round, details={"reason": str(exhausted)})
+            break
+        instructions = encoded_instructions(configured, arrays, config)
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
-        train_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+        if config.secure_aggregation:  # the replies hold only the sites' sum (server/secure_aggregation.py)
+            train_replies = train_securely(grid, instructions, config, declarations)
+        else:
+            train_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
         aggregated = time.perf_counter()
+        trained.privacy = reported_privacy(train_replies)
         if trained.arrays is not None:
             arrays = trained.arrays
         instructions = encoded_instructions(
@@ -330,3 +372,5 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     final = pool_replies(grid.send_and_receive(messages, timeout=config.round_timeout), config.classes)
     if final is not None:
         run.write_final(final)
+    if config.cross_site_validation:
+        cross_site_validation(grid, config, run, best)

@@ -19,11 +19,13 @@ SuperLink and Ray workers included). An arm whose outputs exist with identical s
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import threading
 import time
 import tomllib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +58,7 @@ from pneumofed.common.learning.models import MODEL_NAMES, build_model
 from pneumofed.common.learning.training import TrainConfig, evaluate, seed_everything
 from pneumofed.common.metrics.html_report import ExperimentFiles, experiment_report_html
 from pneumofed.common.metrics.plots import plot_curves
+from pneumofed.common.metrics.tracking import MlflowTracker, flat_metrics, flat_params, local_tracking_uri, run_status
 from pneumofed.simulations.flower import run_simulation
 from pneumofed.simulations.inprocess import run_in_process
 from pneumofed.simulations.partition import (
@@ -168,7 +171,9 @@ class ExperimentConfig(_Strict):
             if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
                 raise ValueError(f"partition name {name!r} must be letters, digits, '-', '_' or '.'")
         if self.federated:
-            reserved = {"sites", "run-dir", "num-server-rounds", "local-epochs", "model", "model-width", "seed"}
+            # Tracking too: an experiment's runs are tracked by `pneumofed experiment --mlflow`.
+            reserved = {"sites", "run-dir", "num-server-rounds", "local-epochs", "model", "model-width", "seed",
+                        "mlflow", "mlflow-tracking-uri"}
             for name, extra in {"run_config": self.federated.run_config, **self.federated.variants}.items():
                 clash = sorted((reserved | ({"strategy"} if name == "run_config" else set())) & set(extra))
                 if clash:
@@ -285,20 +290,80 @@ def _cached(arm_dir: Path, settings: dict[str, Any]) -> ArmResult | None:
     return ArmResult(**saved["result"])
 
 
-def _run_arm(arm_dir: Path, settings: dict[str, Any], work) -> ArmResult:
+def _run_arm(arm_dir: Path, settings: dict[str, Any], work, tracking: ExperimentTracking | None) -> ArmResult:
     """Run `work() -> ArmResult` (wall time and memory measured) unless identical results exist."""
-    cached = _cached(arm_dir, settings)
-    if cached is not None:
+    result = _cached(arm_dir, settings)
+    if result is not None:
         print(f"[experiment] reusing {arm_dir}", flush=True)
-        return cached
-    print(f"[experiment] running {arm_dir} ...", flush=True)
-    started = time.perf_counter()
-    with ProcessTreeMemory() as memory:
-        result: ArmResult = work()
-    result = ArmResult(**{**result.__dict__, "wall_s": time.perf_counter() - started, "peak_gib": memory.peak_gib})
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    write_json(arm_dir / "arm.json", json.loads(json.dumps({"settings": settings, "result": result.__dict__}, default=str)))
+    else:
+        print(f"[experiment] running {arm_dir} ...", flush=True)
+        started = time.perf_counter()
+        with ProcessTreeMemory() as memory:
+            result = work()
+        result = ArmResult(**{**result.__dict__, "wall_s": time.perf_counter() - started, "peak_gib": memory.peak_gib})
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        write_json(arm_dir / "arm.json", json.loads(json.dumps({"settings": settings, "result": result.__dict__}, default=str)))
+    if tracking is not None:
+        tracking.log_arm(arm_dir, settings, result)
     return result
+
+
+class ExperimentTracking:
+    """MLflow tracking of an experiment: one parent run per results folder (reopened by every later
+    `pneumofed experiment` into that folder, e.g. one process per seed) and a nested run per arm and
+    seed with its settings, test metrics, validation curve and plots."""
+
+    def __init__(self, tracker: MlflowTracker, out: Path) -> None:
+        self.tracker = tracker
+        self.out = out
+
+    @classmethod
+    def start(cls, config: ExperimentConfig, out: Path, tracking_uri: str) -> ExperimentTracking:
+        """The parent run, in the store at `tracking_uri` ("" = a SQLite store beside `out`)."""
+        out = out.resolve()
+        uri = tracking_uri or local_tracking_uri(out.parent)
+        record = out / "mlflow.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else {}
+        tracker = MlflowTracker.start(
+            uri, config.name, config.name, flat_params(config.model_dump(mode="json")),
+            continue_run_id=earlier.get("run-id") if earlier.get("tracking-uri") == uri else None,
+            tags={"pneumofed.results": str(out)},
+        )
+        write_json(record, {"tracking-uri": uri, "run-id": tracker.run_id})
+        return cls(tracker, out)
+
+    def log_arm(self, arm_dir: Path, settings: dict[str, Any], result: ArmResult) -> None:
+        """The arm's nested run, unless this very result (its arm.json) is logged under the parent already."""
+        logged = {"tracking-uri": self.tracker.tracking_uri, "parent-run-id": self.tracker.run_id,
+                  "arm": hashlib.sha256((arm_dir / "arm.json").read_bytes()).hexdigest()}
+        record = arm_dir / "mlflow.json"
+        if record.is_file() and {k: v for k, v in json.loads(record.read_text()).items() if k in logged} == logged:
+            return
+        nested = self.tracker.start_nested(str(arm_dir.relative_to(self.out)),
+                                           flat_params(json.loads(json.dumps(settings, default=str))),
+                                           tags={"pneumofed.arm-kind": result.kind})
+        if nested is None:  # the store failed (logged once); the experiment goes on without it
+            return
+        nested.log_metrics(flat_metrics(result.summary, prefix="test-")
+                           | {"wall-seconds": result.wall_s, "peak-rss-gib": result.peak_gib})
+        for epochs, auc in result.curve:
+            if auc is not None:
+                nested.log_metrics({"val-macro_auc": auc}, step=int(epochs))
+        federated_run = arm_dir / "run"
+        nested.log_artifacts([*map(Path, result.summary.get("outputs", {}).values()),
+                              federated_run / "report.html", federated_run / "plots"])
+        nested.finish()
+        if not nested.failed:
+            write_json(record, logged | {"run-id": nested.run_id})
+
+    def __enter__(self) -> ExperimentTracking:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """End the parent run with the experiment's tables and report as they are now."""
+        self.tracker.log_artifacts([self.out / name for name in (
+            "report.html", "results.md", "results.csv", "summary.md", "summary.csv")])
+        self.tracker.finish(run_status(kind))
 
 
 def _train_config(config: ExperimentConfig, seed: int) -> TrainConfig:
@@ -459,23 +524,28 @@ def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
         raise ValueError(f"seeds {unknown} are not among the config's seeds {config.seeds}")
 
 
-def run_experiment(config: ExperimentConfig, out: Path, seeds: list[int] | None = None) -> list[ArmResult]:
+def run_experiment(config: ExperimentConfig, out: Path, seeds: list[int] | None = None, *, mlflow: bool = False,
+                   mlflow_tracking_uri: str = "") -> list[ArmResult]:
     """Every arm of `config` into `out`; with `config.seeds`, once per seed (or the `seeds` subset,
-    so that seeds can run in parallel processes) into `out/seed-<n>/`, then `summarise_seeds`."""
+    so that seeds can run in parallel processes) into `out/seed-<n>/`, then `summarise_seeds`.
+    With `mlflow`, tracked to `mlflow_tracking_uri` ("" = `mlflow.db` beside `out`; `ExperimentTracking`)."""
     check_seeds(config, seeds)
-    if config.seeds is None:
-        results = _run_one_seed(config, out)
-        summary = []
-    else:
-        results = []
-        for seed in seeds or config.seeds:
-            results += _run_one_seed(config.model_copy(update={"seed": seed, "seeds": None}), out / f"seed-{seed}")
-        summary = summarise_seeds(config, out)
-    atomic_write(out / "report.html", experiment_report_html(ExperimentFiles.read(out.resolve(), config.seeds, summary)))
+    tracking = ExperimentTracking.start(config, out, mlflow_tracking_uri) if mlflow else None
+    with tracking or nullcontext():
+        if config.seeds is None:
+            results = _run_one_seed(config, out, tracking)
+            summary = []
+        else:
+            results = []
+            for seed in seeds or config.seeds:
+                results += _run_one_seed(config.model_copy(update={"seed": seed, "seeds": None}), out / f"seed-{seed}",
+                                         tracking)
+            summary = summarise_seeds(config, out)
+        atomic_write(out / "report.html", experiment_report_html(ExperimentFiles.read(out.resolve(), config.seeds, summary)))
     return results
 
 
-def _run_one_seed(config: ExperimentConfig, out: Path) -> list[ArmResult]:
+def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTracking | None) -> list[ArmResult]:
     out = out.resolve()
     torch.set_num_threads(config.threads)
     sources = natural_sites(config, out / "data")
@@ -484,7 +554,8 @@ def _run_one_seed(config: ExperimentConfig, out: Path) -> list[ArmResult]:
         for model_name in config.centralised.models:
             arm_dir = out / "centralised-cv" / model_name
             settings = {"arm": "cv", "model": model_name, "sources": sources, **_common_settings(config)}
-            results.append(_run_arm(arm_dir, settings, lambda m=model_name, d=arm_dir: centralised_cv_arm(config, sources, m, d)))
+            results.append(_run_arm(arm_dir, settings, lambda m=model_name, d=arm_dir: centralised_cv_arm(config, sources, m, d),
+                                    tracking))
 
     site_tables = {}
     for name, partition in config.partitions.items():
@@ -497,18 +568,18 @@ def _run_one_seed(config: ExperimentConfig, out: Path) -> list[ArmResult]:
         group = out / name
         if config.pooled:
             results.append(_run_arm(group / "pooled", {"arm": "pooled", **base},
-                                    lambda: pooled_arm(config, sites, test_set, class_names, group / "pooled")))
+                                    lambda: pooled_arm(config, sites, test_set, class_names, group / "pooled"), tracking))
         if config.federated is not None:
             for arm_name in config.federated.arms():
                 arm_dir = group / f"federated-{arm_name}"
                 settings = {"arm": "federated", "strategy": arm_name, "federated": config.federated.model_dump(), **base}
                 results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir: federated_arm(
-                    config, s, site_paths, sites, class_names, d)))
+                    config, s, site_paths, sites, class_names, d), tracking))
         if config.local:
             for site, path in zip(sites, site_paths, strict=True):
                 arm_dir = group / f"local-{path.name}"
                 results.append(_run_arm(arm_dir, {"arm": "local", "site": path.name, **base},
-                                        lambda s=site, d=arm_dir: local_arm(config, s, test_set, class_names, d)))
+                                        lambda s=site, d=arm_dir: local_arm(config, s, test_set, class_names, d), tracking))
         _plot_group(group / "curves.png", [r for r in results if r.group == name], name)
     write_tables(out, config, results, site_tables)
     return results

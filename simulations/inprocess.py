@@ -9,17 +9,19 @@ the same as in a Flower run (`tests/test_simulation.py` runs the same apps on Fl
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from pneumofed.client.app import count_classes, evaluate_locally, train_locally
+from pneumofed.client.app import answer_query, evaluate_locally
+from pneumofed.client.app import app as client_app
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import run_federation
@@ -29,12 +31,16 @@ log = logging.getLogger("pneumofed.simulations")
 
 
 class InProcessGrid:
-    """Delivers each message to the ClientApp handler of its node, in order; node ids from 100."""
+    """Delivers each message to the ClientApp handler of its node, in order; node ids from 100. Each
+    node's node config names its site's store and, where run config `local-models` gives one, the
+    local-only model it shares."""
 
     def __init__(self, sites: Sequence[Path], run_config: Mapping[str, Any]) -> None:
         self.run_config = dict(run_config)
+        local_models = FederatedConfig.from_run_config(run_config).local_model_paths or [""] * len(sites)
         self.node_configs = {
-            FIRST_NODE_ID + i: {"data-path": str(site), "site-name": Path(site).name} for i, site in enumerate(sites)
+            FIRST_NODE_ID + i: {"data-path": str(site), "site-name": Path(site).name} | ({"local-model": model} if model else {})
+            for i, (site, model) in enumerate(zip(sites, local_models, strict=True))
         }
         # Each node's Flower context.state, as its SuperNode keeps it between messages.
         self.states = {node: RecordDict() for node in self.node_configs}
@@ -46,10 +52,18 @@ class InProcessGrid:
         node = message.metadata.dst_node_id
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
-            return count_classes(self.run_config, self.node_configs[node])
-        handler = train_locally if kind == MessageType.TRAIN else evaluate_locally
-        return handler(message.content["arrays"], message.content["config"], self.run_config,
-                       self.node_configs[node], self.states[node])
+            return answer_query(message.content["config"], self.run_config, self.node_configs[node])
+        if kind == MessageType.TRAIN:
+            # Through the ClientApp itself, as a SuperNode delivers it: its mods (secure aggregation,
+            # site-level DP) act on training messages, and may change the copy each node receives
+            # (SecAgg+ sends every node one content object).
+            context = Context(run_id=0, node_id=node, node_config=self.node_configs[node], state=self.states[node],
+                              run_config=self.run_config)
+            delivered = copy.copy(message)
+            delivered.content = copy.deepcopy(message.content)
+            return client_app(delivered, context).content
+        return evaluate_locally(message.content["arrays"], message.content["config"], self.run_config,
+                                self.node_configs[node], self.states[node])
 
     def reply(self, message: Message) -> Message:
         """The handler's reply, or, as a SuperNode sends it when its ClientApp raises, an error reply
@@ -83,7 +97,6 @@ def run_in_process(sites: Sequence[Path], run_config: Mapping[str, Any]) -> tupl
     with each node's final `context.state` (its site-local BatchNorm and optimiser state)."""
     config = FederatedConfig.from_run_config(run_config)
     grid = InProcessGrid(sites, run_config)
-    with task_identity():
-        run = RunDirectory.open(config, flower_run_id=0)
+    with task_identity(), RunDirectory.open(config, flower_run_id=0) as run:
         run_federation(grid, config, run)
     return run, grid

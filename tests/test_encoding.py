@@ -148,7 +148,7 @@ def test_bytes_per_message_measured_from_the_records_a_round_sends(encoding, fra
     global_arrays = initial_arrays(config)
     fp32_bytes = array_bytes(global_arrays)
     grid = RecordingGrid(synthetic_sites[:1], config_dict)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_nodes=3)
     instructions = encoded_instructions(strategy.configure_train(1, global_arrays, ConfigRecord(), grid), global_arrays,
                                         config)
     [reply] = grid.send_and_receive(instructions)
@@ -185,7 +185,7 @@ def test_the_server_aggregates_the_decoded_fp32_arrays(encoding, tmp_path, flowe
     expected = sum(w * values for w, values in zip(weights, decoded)) / weights.sum()
     declarations = {node: SiteDeclaration(n, (n, 0, 0)) for node, (_, n) in sites.items()}
 
-    trained = aggregate_train_round(build_strategy(config), 1, global_arrays, replies, config, declarations)
+    trained = aggregate_train_round(build_strategy(config, num_nodes=3), 1, global_arrays, replies, config, declarations)
 
     assert trained.rejected == []
     np.testing.assert_allclose(trained.arrays["w"].numpy(), expected, rtol=0, atol=1e-4)
@@ -204,7 +204,7 @@ def test_a_reply_not_encoded_as_the_run_says_is_dropped_with_its_reason(syntheti
         return RecordDict({"arrays": arrays, "metrics": content["metrics"]})
 
     grid = RecordingGrid(synthetic_sites[:3], config_dict, tamper={100: as_fp32})
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_nodes=3)
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(
         encoded_instructions(strategy.configure_train(1, global_arrays, ConfigRecord(), grid), global_arrays, config)

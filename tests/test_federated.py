@@ -197,7 +197,7 @@ def test_a_bad_update_is_dropped_with_its_reason_and_the_round_aggregates_the_go
     config_dict = run_config(tmp_path)
     config = FederatedConfig.from_run_config(config_dict)
     grid = RecordingGrid(synthetic_sites, config_dict, tamper={100: tamper})
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_nodes=3)
     global_arrays = initial_arrays(config)
     replies = grid.send_and_receive(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
 
@@ -219,11 +219,11 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(synthetic_
     config = FederatedConfig.from_run_config(config_dict)
     grid = RecordingGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
-    replies = grid.send_and_receive(build_strategy(config).configure_train(1, global_arrays, ConfigRecord(), grid))
+    replies = grid.send_and_receive(build_strategy(config, num_nodes=3).configure_train(1, global_arrays, ConfigRecord(), grid))
 
     aggregates = []
     for order in (replies, replies[::-1]):
-        strategy = build_strategy(config)
+        strategy = build_strategy(config, num_nodes=3)
         list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
         declarations = collect_declarations(grid, grid.get_node_ids(), config)
         aggregates.append(aggregate_train_round(strategy, 1, global_arrays, order, config, declarations).arrays)
@@ -345,7 +345,7 @@ def test_a_single_site_run_completes_with_default_minimum_nodes(synthetic_sites,
 def test_every_strategy_is_flowers_own_and_aggregates_a_round(name, synthetic_sites, tmp_path, flower_identity):
     config_dict = run_config(tmp_path, strategy=name)
     config = FederatedConfig.from_run_config(config_dict)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_nodes=3)
     assert isinstance(strategy, STRATEGIES[name])
     grid = RecordingGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)

@@ -122,7 +122,8 @@ def test_the_report_shows_the_metrics_as_read_from_the_run_files(run_dir: Path) 
     page = run_report_html(RunFiles.read(run_dir), "pneumofed simulate")
     _assert_numbers_match_the_files(page, run_dir)
     assert ">0.629<" in page and ">0.595<" in page and ">0.689<" in page  # final macro and per-class AUCs
-    assert "DP: off" in page and ">shared<" in page
+    assert "Site-level DP: off" in page and "DP-SGD at the sites: off" in page and ">shared<" in page
+    assert "Secure aggregation: off" in page
     assert "95 % CI (Hanley-McNeil + bound)" in page and "[0.295, 0.895]" in page  # nodule's CI, as recorded
     assert "hospital-1" in page and "Each site alone" in page
     assert "update norm is 12x &lt;b&gt;bound&lt;/b&gt;" in page  # the rejected update, with its reason
@@ -144,10 +145,19 @@ def test_the_report_references_nothing_on_the_network(run_dir: Path) -> None:
     assert references and all(ref.startswith("data:image/png;base64,") for ref in references)
 
 
-def test_dp_settings_are_shown_when_the_config_has_them(run_dir: Path) -> None:
+def test_site_level_dp_settings_and_the_epsilon_spent_are_shown(run_dir: Path) -> None:
     files = RunFiles.read(run_dir)
-    files.config["dp-noise-multiplier"] = 1.1
-    assert "DP: on (dp-noise-multiplier = 1.1)" in run_report_html(files, "")
+    files.config.update({"site-dp": "server-fixed", "site-dp-noise-multiplier": 1.1, "site-dp-clipping-norm": 0.5})
+    files.rounds[-1].update({"site-dp-epsilon": 12.3456, "site-dp-delta": 1e-5, "site-dp-releases": 2})
+    page = run_report_html(files, "")
+    assert "Site-level DP: server-fixed clipping (Flower), each site&#x27;s update clipped to norm 0.5, noise multiplier 1.1" in page
+    assert "epsilon 12.346 at delta 1e-05 after 2 aggregated round(s)" in page
+
+
+def test_secure_aggregation_is_shown_when_on(run_dir: Path) -> None:
+    files = RunFiles.read(run_dir)
+    files.config["secure-aggregation"] = True
+    assert "Secure aggregation: on: the server sees only the sum" in run_report_html(files, "")
 
 
 def test_the_run_directory_writes_its_report_with_its_plots(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 A hospital's log (node config `audit-log`) gets a `run-joined` record the first time a run
 reaches the node and one `reply` record per reply: run id, round, message kind, size in bytes
 and SHA-256 of the arrays as sent (encoded as `update-encoding` says, int8 scales included),
-and the metric keys (never metric values or data). The server's run
+and the metric keys (never metric values or data, except a DP-SGD site's privacy spend: the
+epsilon after the round, the round's own and delta, its own record of what it gave). The server's run
 log gets one record per event (start, each round with its participants and the global model's
 digest, end). Each record is one line written with a single `write` under an exclusive lock, so
 concurrent ClientApp processes never interleave lines.
@@ -24,6 +25,8 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 Arrays = Mapping[str, np.ndarray] | ArrayRecord
+# The metrics a site's TRAIN reply carries under DP-SGD (docs/privacy.md).
+PRIVACY_METRICS = ("dp-epsilon", "dp-round-epsilon", "dp-delta")
 
 
 def array_digest(arrays: Arrays) -> str:
@@ -51,12 +54,15 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def reply_summary(content: RecordDict) -> dict[str, Any]:
-    """What a reply carries, per record: arrays as digest + byte count, metrics as key names only."""
+    """What a reply carries, per record: arrays as digest + byte count, metrics as key names only
+    (and the values of a DP-SGD privacy spend, under `privacy`)."""
     arrays = {name: {"sha256": array_digest(record), "bytes": array_bytes(record), "count": len(record)}
               for name, record in content.array_records.items()}
     metric_keys = {name: sorted(record.keys()) for name, record in content.metric_records.items()}
     config_keys = {name: sorted(record.keys()) for name, record in content.config_records.items()}
-    return {"arrays": arrays, "metric_keys": metric_keys, "config_keys": config_keys}
+    summary = {"arrays": arrays, "metric_keys": metric_keys, "config_keys": config_keys}
+    privacy = {key: record[key] for record in content.metric_records.values() for key in PRIVACY_METRICS if key in record}
+    return summary | ({"privacy": privacy} if privacy else {})
 
 
 def append_reply_audit(

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pneumofed.common.files import atomic_write
-from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.models import NormLayer, build_model
 from pneumofed.common.learning.state import floating_state, load_floating_state, load_tensor_file
 
 FORMAT = "pneumofed-model/1"
@@ -29,6 +29,7 @@ class ModelCard(BaseModel):
     class_names: list[str] = Field(min_length=2)
     roi_size: int
     spacing_mm: float | None = None
+    norm_layer: NormLayer = "batch"
     provenance: dict[str, str | int | float | None] = Field(default_factory=dict)
 
 
@@ -49,7 +50,8 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise ValueError(f"{path} is not a pneumofed model file: {error}") from error
     if card.format != FORMAT:
         raise ValueError(f"{path}: unsupported model file format {card.format!r}")
-    model = build_model(card.model, len(card.class_names), in_channels=card.in_channels, width=card.width)
+    model = build_model(card.model, len(card.class_names), in_channels=card.in_channels, width=card.width,
+                        norm_layer=card.norm_layer)
     load_floating_state(model, payload["state"])
     return model.to(device).eval(), card
 

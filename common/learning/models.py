@@ -18,6 +18,10 @@ attenuate the signal 16 times over), the shuffle then mixes recalibrated and sho
 next unit, and ShuffleNet units are memory-bound, so one gate per branch keeps throughput close to the
 plain network where a gate after each of the ~50 conv layers would not. The gates add a few dozen
 parameters (0.002-0.02 % of the network, by width).
+
+``norm_layer="group"`` builds any of them with GroupNorm in place of every BatchNorm (Opacus'
+``ModuleValidator.fix``: ``gcd(32, channels)`` groups, affine as the BatchNorm was): DP-SGD needs
+per-sample gradients, and BatchNorm mixes the samples of a batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +37,11 @@ from torchvision import models
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2
 
 MODEL_NAMES = ("shufflenet_v2_eca", "shufflenet_v2", "resnet50", "googlenet", "densenet121")
+# Architectures whose per-sample gradients Opacus' hooks can follow. torchvision's ResNet50,
+# GoogLeNet and DenseNet121 modify a normalisation layer's output in place (`out += identity`,
+# `F.relu(x, inplace=True)`), which autograd forbids on the outputs those hooks observe.
+DP_SGD_MODELS = ("shufflenet_v2_eca", "shufflenet_v2")
+NormLayer = Literal["batch", "group"]
 
 # torchvision's shufflenet_v2_x*_* configurations: repeats of stages 2-4 and output channels of
 # conv1, stages 2-4 and conv5.
@@ -196,10 +206,13 @@ def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
     return model.get_submodule(_CAM_TARGET_LAYERS[name])
 
 
-def build_model(name: str, num_classes: int = 3, in_channels: int = 1, width: float = 1.0) -> nn.Module:
+def build_model(
+    name: str, num_classes: int = 3, in_channels: int = 1, width: float = 1.0, norm_layer: NormLayer = "batch"
+) -> nn.Module:
     """A randomly initialised classifier ``name`` returning logits ``(B, num_classes)``.
 
     ``width`` is the ShuffleNet width multiplier (0.5, 1.0, 1.5, 2.0) and must be 1.0 for the others.
+    ``norm_layer`` is ``batch`` (BatchNorm, as published) or ``group`` (GroupNorm instead).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
@@ -210,4 +223,11 @@ def build_model(name: str, num_classes: int = 3, in_channels: int = 1, width: fl
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    return _BUILDERS[name](num_classes, in_channels, float(width))
+    if norm_layer not in ("batch", "group"):
+        raise ValueError(f"norm_layer must be 'batch' or 'group', got {norm_layer!r}")
+    model = _BUILDERS[name](num_classes, in_channels, float(width))
+    if norm_layer == "batch":
+        return model
+    from opacus.validators import ModuleValidator  # Opacus costs seconds to import: only for group norm
+
+    return ModuleValidator.fix(model)

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from pneumofed.common.learning.augment import augment_batch
+
+if TYPE_CHECKING:  # Opacus costs seconds to import: only DP-SGD runs load privacy.py
+    from pneumofed.common.learning.privacy import DPSGD
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts 32-bit seeds only
@@ -141,6 +145,7 @@ def train(
     class_weights: Sequence[float] | Tensor | None = None,
     optimizer_moments: Mapping[str, Tensor] | None = None,
     on_epoch_end: EpochCallback | None = None,
+    dp: DPSGD | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place with Adam and cross-entropy; returns per-epoch loss and accuracy.
 
@@ -151,9 +156,13 @@ def train(
     derives balanced weights from ``dataset``'s own labels. ``optimizer_moments`` (a previous
     call's ``history.optimizer_moments``) continues Adam from where that call stopped.
     ``on_epoch_end(epoch, history)`` runs after each epoch; returning True stops training early.
+    With ``dp`` the loop is DP-SGD (`privacy.py`): patient-level Poisson batches, per-sample clipped
+    and noised gradients, every step added to ``dp.account``; ``config.seed`` then seeds neither.
     """
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if dp is not None and proximal_mu > 0:
+        raise ValueError("DP-SGD clips per-sample gradients; FedProx's proximal term is not one (proximal_mu must be 0)")
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -167,7 +176,7 @@ def train(
     if optimizer_moments:
         restore_moments(optimizer, optimizer_moments)
     train_labels = dataset_labels(dataset) if config.class_weighting and class_weights is None else None
-    criterion: nn.CrossEntropyLoss | None = None  # built at the first batch, when logits reveal K
+    criterion: nn.Module | None = None  # built at the first batch, when logits reveal K
 
     loader = DataLoader(
         dataset,
@@ -177,7 +186,8 @@ def train(
         drop_last=n > config.batch_size and n % config.batch_size == 1,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),
-    )
+    ) if dp is None else dp.loader(dataset, pin_memory=device.type == "cuda")
+    learner, optimizer = (model, optimizer) if dp is None else dp.make_private(model, optimizer)
     history = TrainHistory(num_examples=n)
     progress = tqdm(total=config.epochs * len(loader), disable=not _show_progress(config), desc="train", unit="batch")
     with progress:
@@ -187,15 +197,16 @@ def train(
             for images, targets in loader:
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, torch.int64, non_blocking=True)
-                if augment is not None:
+                if augment is not None and len(images):
                     images = augment_batch(augment, images)
-                logits = model(images)
+                logits = learner(images)
                 if criterion is None:
                     weights = (
                         torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None
                         else None if train_labels is None else balanced_class_weights(train_labels, logits.shape[1])
                     )
-                    criterion = nn.CrossEntropyLoss(weight=weights).to(device)
+                    criterion = (nn.CrossEntropyLoss(weight=weights) if dp is None
+                                 else dp.loss(weights)).to(device)
                 loss = criterion(logits, targets)
                 objective = loss
                 if start_weights:
@@ -208,11 +219,14 @@ def train(
                 correct += int((logits.argmax(dim=1) == targets).sum())
                 seen += len(targets)
                 progress.update()
+            seen = max(seen, 1)  # only DP-SGD's Poisson batches can all be empty
             history.loss.append(loss_sum / seen)
             history.accuracy.append(correct / seen)
             progress.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.4f}", acc=f"{history.accuracy[-1]:.3f}")
             if on_epoch_end is not None and on_epoch_end(epoch, history):
                 break
+    if dp is not None:
+        dp.release(learner)
     history.optimizer_moments = moments_of(optimizer)
     return history
 

@@ -35,9 +35,8 @@ METRICS_SENT = (
     "a K x K confusion matrix and per-class counts of ROIs along a shared score axis. No pixels, patient "
     "keys, file names or per-ROI scores."
 )
-# Run-config keys that would hold differential-privacy settings (none exist yet: docs/privacy.md).
-DP_KEY_MARKERS = ("dp-", "differential-privacy", "noise-multiplier", "clipping-norm")
-DP_OFF_VALUES = (None, False, 0, 0.0, "", "off", "none", "false")
+# DP-SGD's run-config keys: a line of their own, with each site's spend from metrics.json's `dp-sgd`.
+DP_SGD_KEYS = ("dp-target-epsilon", "dp-delta", "dp-max-grad-norm")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1600px; color: #222; padding: 0 1em; }
@@ -65,6 +64,7 @@ class RunFiles:
     rounds: list[dict[str, Any]]  # metrics.json
     final: dict[str, Any] | None  # final.json, absent when no round produced a pooled AUC
     plots: dict[str, bytes]  # plots/<name>.png -> its bytes
+    cross_site: dict[str, Any] | None = None  # cross_site.json, present with cross-site-validation
 
     @classmethod
     def read(cls, path: Path) -> RunFiles:
@@ -74,6 +74,7 @@ class RunFiles:
             rounds=_read_json(path / "metrics.json", []),
             final=_read_json(path / "final.json", None),
             plots={png.name: png.read_bytes() for png in sorted((path / "plots").glob("*.png"))},
+            cross_site=_read_json(path / "cross_site.json", None),
         )
 
 
@@ -184,7 +185,7 @@ def run_report_html(files: RunFiles, reproduce: str) -> str:
         ('<p class="note">The command that runs these settings again. A run directory that already holds a run '
          "is refused: give it another <code>run-dir</code>.</p>"),
         f'<pre id="reproduce"><code>{_text(reproduce)}</code></pre>',
-        _privacy_section(config),
+        _privacy_section(config, rounds),
         "<h2>Per-round curves</h2>",
         _image(files.plots.get("curves.png"), "loss, accuracy and pooled macro AUC per round"),
         _rounds_table(rounds),
@@ -195,6 +196,8 @@ def run_report_html(files: RunFiles, reproduce: str) -> str:
     else:
         body.append("<h2>Final evaluation</h2><p>None: no round produced a pooled AUC, so no best model was "
                     "evaluated on the test parts.</p>")
+    if files.cross_site is not None:
+        body.append(_cross_site_section(files.cross_site))
     if rounds:
         last = rounds[-1]
         body += [f"<h2>Last round (round {_text(last.get('round'))}) on the sites' validation parts</h2>",
@@ -205,22 +208,61 @@ def run_report_html(files: RunFiles, reproduce: str) -> str:
     return _page(f"pneumofed run {files.name}", body)
 
 
-def _privacy_section(config: Mapping[str, Any]) -> str:
+def _privacy_section(config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> str:
     mode = config.get("bn-mode", "shared")
     arrays = ARRAYS_SENT.get(mode, "see docs/privacy.md")
-    dp = {k: v for k, v in config.items() if any(marker in k for marker in DP_KEY_MARKERS)}
-    dp_on = {k: v for k, v in dp.items() if v not in DP_OFF_VALUES}
-    dp_line = "DP: off" if not dp_on else "DP: on (" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in dp_on.items()) + ")"
+    secure = ("on: the server sees only the sum of the sites' updates (SecAgg+), never one in clear"
+              if config.get("secure-aggregation") else "off (the server sees each site's update in clear)")
     items = [
         f'bn-mode: <b id="bn-mode">{_text(mode)}</b>; model arrays a site sends: {_text(arrays)}.',
         f"Metrics a site sends: {_text(METRICS_SENT)}",
-        f'<span id="dp">{_text(dp_line)}</span>',
-        "Secure aggregation: none (the server sees each site's update in clear).",
+        f'<span id="dp">{_text(_site_dp_line(config, rounds))}</span>',
+        f'<span id="dp-sgd">{_text(_dp_sgd_line(config))}</span>',
+        f'<span id="secure-aggregation">Secure aggregation: {_text(secure)}.</span>',
     ]
     if "update-encoding" in config:
         items.insert(1, f"update-encoding (how the arrays travel): {_text(config['update-encoding'])}")
     listed = "".join(f"<li>{item}</li>" for item in items)
-    return f'<h2>Privacy</h2><ul>{listed}</ul><p class="note">Field by field: docs/privacy.md.</p>'
+    return (f'<h2>Privacy</h2><ul>{listed}</ul>{_dp_sgd_table(rounds)}'
+            '<p class="note">Field by field: docs/privacy.md.</p>')
+
+
+def _site_dp_line(config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -> str:
+    mode = config.get("site-dp", "off")
+    if mode == "off":
+        return "Site-level DP: off"
+    line = (f"Site-level DP: {mode} clipping (Flower), each site's update clipped to norm "
+            f"{config.get('site-dp-clipping-norm')}, noise multiplier {config.get('site-dp-noise-multiplier')}")
+    spent = [record for record in rounds if "site-dp-epsilon" in record]
+    if spent:
+        last = spent[-1]
+        line += (f"; epsilon {format_metric(last['site-dp-epsilon'])} at delta {last.get('site-dp-delta')} "
+                 f"after {last.get('site-dp-releases')} aggregated round(s)")
+    return line
+
+
+def _dp_sgd_line(config: Mapping[str, Any]) -> str:
+    if not config.get("dp-target-epsilon"):
+        return "DP-SGD at the sites: off"
+    return (f"DP-SGD at every site (patient-level): target epsilon {config['dp-target-epsilon']} at delta "
+            f"{config.get('dp-delta')} after all rounds, each ROI's gradient clipped to {config.get('dp-max-grad-norm')}; "
+            "sites send their epsilon instead of their train loss and accuracy")
+
+
+def _dp_sgd_table(rounds: Sequence[Mapping[str, Any]]) -> str:
+    """Each site's epsilon as it stated it: after every round it trained, and after its last."""
+    spends: dict[str, list[tuple[Any, Mapping[str, float]]]] = {}
+    for record in rounds:
+        for site, spend in record.get("dp-sgd", {}).items():
+            spends.setdefault(site, []).append((record.get("round"), spend))
+    rows = [[_cell(site), _cell(len(spent)),
+             _cell(", ".join(f"{number}: {format_metric(spend.get('dp-epsilon'))}" for number, spend in spent)),
+             _metric(spent[-1][1].get("dp-epsilon"), f"dp-epsilon-{site}"), _cell(spent[-1][1].get("dp-delta"))]
+            for site, spent in sorted(spends.items())]
+    if not rows:
+        return ""
+    return _table(["site (node)", "rounds trained", "epsilon after each round (round: epsilon)",
+                   "epsilon spent", "delta"], rows, "Each site's DP-SGD privacy spend (metrics.json dp-sgd)")
 
 
 def _rounds_table(rounds: Sequence[Mapping[str, Any]]) -> str:
@@ -285,6 +327,36 @@ def _site_table(site_auc: Mapping[str, Mapping[str, float | None]], classes: Seq
         for site, aucs in site_auc.items()
     ]
     return _table(["site", *(f"AUC {c}" for c in classes), "macro AUC"], rows, "Each site alone")
+
+
+def _cross_site_section(matrix: Mapping[str, Any]) -> str:
+    """The site x model macro-AUC matrix of cross-site validation, with a pooled row per model."""
+    models = matrix.get("models", [])
+    ids = ["global" if m["kind"] == "global" else f"local-{m['site']}" for m in models]
+    header = ["site", *(f"global model (round {matrix.get('best-round')})" if m["kind"] == "global"
+                        else f"local model of {m['site']}" for m in models)]
+
+    def cell(value: Mapping[str, Any] | None, name: str) -> str:
+        if value is None:
+            return "<td>–</td>"
+        if value.get("status", "scored") != "scored":
+            return f'<td title="{_text(value.get("reason", ""))}">{_text(value["status"])}</td>'
+        return _metric(value.get("macro_auc"), name, value.get("macro_auc_bound"))
+
+    rows = [[_cell(site), *(cell(m["cells"][i], f"cross-site-{id_}-{site}") for m, id_ in zip(models, ids, strict=True))]
+            for i, site in enumerate(matrix.get("sites", []))]
+    rows.append([_cell("pooled"), *(cell(m.get("pooled"), f"cross-site-{id_}-pooled")
+                                    for m, id_ in zip(models, ids, strict=True))])
+    unscored = "; ".join(f"{item['site']}: {item['reason']}" for item in matrix.get("local-models-not-scored", []))
+    return (
+        "<h2>Cross-site validation on the sites' test parts</h2>"
+        '<p class="note">Each site (row) scores the global model and every local-only model a site shares '
+        "(column) on its test part: macro AUC ± its bound. A site's own AUC is shown only where it shares it; "
+        "a site that does not evaluate its test part is shown as opted out.</p>"
+        + _table(header, rows, "cross_site.json")
+        + (f'<p class="note" id="local-models-not-scored">Local models not scored: {_text(unscored)}</p>'
+           if unscored else "")
+    )
 
 
 def _confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:

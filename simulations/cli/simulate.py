@@ -1,7 +1,8 @@
 """`pneumofed simulate`: the main job, a local multicentre Flower simulation.
 
 With no sites given it uses the built-in synthetic hospitals (`simulations.sites`), writing and
-preparing them on first use (later runs reuse both).
+preparing them on first use (later runs reuse both). `--cross-site` first trains each site's
+local-only model, which the simulated site then shares for cross-site validation.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ import argparse
 import json
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from pneumofed.common.data.site import load_site
+from pneumofed.common.data.store import StoreRequirements
 from pneumofed.common.federation.config import PRESETS, FederatedConfig, StrategyName
+from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
+from pneumofed.common.learning.batchnorm import recalibrate_batchnorm
+from pneumofed.common.learning.centralised import train_keeping_best_epoch
+from pneumofed.common.learning.modelfile import ModelCard, save_model_file
 from pneumofed.common.learning.models import MODEL_NAMES
+from pneumofed.common.learning.training import TrainConfig, seed_everything, select_device
 from pneumofed.simulations.flower import SimulationFailed, run_simulation
 from pneumofed.simulations.partition import prepare_natural_sites
 from pneumofed.simulations.sites import synthetic_sites
@@ -44,6 +53,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<strategy>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last round")
+    parser.add_argument("--cross-site", action="store_true",
+                        help="train each site's local-only model first (as many epochs as the federation, best "
+                        "epoch on the site's validation part; RUN_DIR/local-models/), then end the run with "
+                        "cross-site validation: every site scores the global and the local models on its test part")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config key of pyproject.toml, e.g. --set batch-size=32")
 
@@ -74,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
     strategy = run_config.get("strategy", DEFAULTS.strategy)
     run_dir = (args.run_dir or Path("runs") / f"{strategy}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_config["run-dir"] = str(run_dir)
+    if args.cross_site:
+        started = time.perf_counter()
+        config = FederatedConfig.from_run_config(run_config)
+        models = train_local_models([Path(site).resolve() for site in sites], config, run_dir / "local-models")
+        print(f"local-only models trained in {time.perf_counter() - started:.0f} s", flush=True)
+        run_config |= {"cross-site-validation": True, "local-models": ",".join(map(str, models))}
     try:
         run_simulation(sites, run_config)
     except SimulationFailed as error:
@@ -88,6 +107,32 @@ def run(args: argparse.Namespace) -> int:
     if (run_dir / "report.html").is_file():
         print(f"report: {run_dir / 'report.html'} (open it in a browser)")
     return 0
+
+
+def train_local_models(sites: Sequence[Path], config: FederatedConfig, out_dir: Path) -> list[Path]:
+    """Each site's local-only model as `out_dir/<site>.pt`, as the experiments' local-only arms train
+    it: on the site's own training part alone, for as many epochs as the federation trains (rounds x
+    local epochs), kept at its best epoch on the site's validation part, its BatchNorm statistics then
+    recalibrated on its training ROIs as a federated site's are after each round. The parts are those
+    the site's node uses, so its test part stays unseen."""
+    required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
+    settings = TrainConfig(epochs=config.num_server_rounds * config.local_epochs, learning_rate=config.learning_rate,
+                           batch_size=config.batch_size, class_weighting=config.class_weighting, seed=config.seed,
+                           progress=False)
+    augment = build_augmentation(DEFAULT_AUGMENTATION) if config.augment else None
+    paths = []
+    for store in sites:
+        print(f"training the local-only model of {store.name} ({settings.epochs} epochs) ...", flush=True)
+        site = load_site(store, config.seed, required)
+        seed_everything(settings.seed)
+        model = config.build_model()
+        history, best_epoch = train_keeping_best_epoch(model, site.train, site.val, config.classes, settings, augment)
+        recalibrate_batchnorm(model, site.train, max(config.batch_size, 64), select_device(settings.device))
+        card = ModelCard(model=config.model, width=config.model_width, class_names=config.classes,
+                         roi_size=config.roi_size, provenance={"trainer": "local", "site": store.name, "epoch": best_epoch,
+                                                               "val_macro_auc": history[best_epoch - 1]["val auc"]})
+        paths.append(save_model_file(out_dir / f"{store.name}.pt", model, card))
+    return paths
 
 
 def _parse_override(item: str) -> tuple[str, object]:
@@ -115,4 +160,11 @@ def learning_summary(run_dir: Path) -> str:
     if final.is_file():
         summary = json.loads(final.read_text())
         lines.append(line(f"macro AUC of the best round ({summary.get('best-round', '?')}) on the sites' test parts", [summary]))
+    cross_site = run_dir / "cross_site.json"
+    if cross_site.is_file():
+        matrix = json.loads(cross_site.read_text())
+        for model in matrix["models"]:
+            name = "global model" if model["kind"] == "global" else f"local model of {model['site']}"
+            lines.append(line(f"cross-site: {name} on the test parts of {', '.join(matrix['sites'])}, then pooled",
+                              [*model["cells"], model["pooled"] or {}]))
     return "\n".join(lines)
