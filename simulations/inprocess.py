@@ -61,7 +61,10 @@ class InProcessGrid:
                               run_config=self.run_config)
             delivered = copy.copy(message)
             delivered.content = copy.deepcopy(message.content)
-            return client_app(delivered, context).content
+            reply = client_app(delivered, context)
+            if reply.has_error():  # a mod's refusal (e.g. Flower's clipping mod without its clipping norm)
+                raise RuntimeError(reply.error.reason)
+            return reply.content
         return evaluate_locally(message.content["arrays"], message.content["config"], self.run_config,
                                 self.node_configs[node], self.states[node])
 

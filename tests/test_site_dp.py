@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from pydantic import ValidationError
 from test_federated import RecordingGrid, federate, run_config
 
-from pneumofed.client.app import app as client_app
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.server.rounds import SiteDeclaration, aggregate_train_round, initial_arrays
 from pneumofed.server.strategy import build_strategy
@@ -30,21 +29,6 @@ class NodeList:
 
     def get_node_ids(self):
         return self.nodes
-
-
-class ClientAppGrid(RecordingGrid):
-    """Delivers TRAIN messages through the real ClientApp object, mods included (as a SuperNode does)."""
-
-    def handle(self, message: Message) -> RecordDict:
-        if message.metadata.message_type != MessageType.TRAIN:
-            return super().handle(message)
-        node = message.metadata.dst_node_id
-        context = Context(run_id=0, node_id=node, node_config=self.node_configs[node], state=self.states[node],
-                          run_config=self.run_config)
-        reply = client_app(message, context)
-        if reply.has_error():
-            raise RuntimeError(reply.error.reason)
-        return reply.content
 
 
 def _update_norm(before: ArrayRecord, after: dict[str, np.ndarray]) -> float:
@@ -162,7 +146,7 @@ def test_with_client_side_clipping_the_update_is_bounded_before_it_leaves_the_si
     clip = 0.05
     config_dict = run_config(tmp_path, **(PRIVATE | {"site-dp": "client-fixed", "site-dp-clipping-norm": clip}))
     config = FederatedConfig.from_run_config(config_dict)
-    grid = ClientAppGrid(synthetic_sites, config_dict)
+    grid = RecordingGrid(synthetic_sites, config_dict)
     global_arrays = initial_arrays(config)
     strategy = build_strategy(config, num_nodes=len(synthetic_sites))
 
@@ -177,7 +161,7 @@ def test_with_client_side_clipping_the_update_is_bounded_before_it_leaves_the_si
 def test_messages_of_runs_without_client_side_clipping_pass_the_mod_untouched(synthetic_sites, tmp_path, flower_identity):
     config_dict = run_config(tmp_path, **(PRIVATE | {"site-dp": "server-fixed", "site-dp-clipping-norm": 1e-3}))
     config = FederatedConfig.from_run_config(config_dict)
-    grid = ClientAppGrid(synthetic_sites[:1], config_dict)
+    grid = RecordingGrid(synthetic_sites[:1], config_dict)
     global_arrays = initial_arrays(config)
     instruction = Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord(
         {"server-round": 1, "local-epochs": 1, "learning-rate": 1e-2})}), 100, MessageType.TRAIN)
@@ -185,3 +169,14 @@ def test_messages_of_runs_without_client_side_clipping_pass_the_mod_untouched(sy
     reply = grid.send_and_receive([instruction])[0]
 
     assert _update_norm(global_arrays, as_numpy(reply.content["arrays"])) > 1e-3  # clipped only at the server
+
+
+def test_a_clipping_site_refuses_an_instruction_without_a_clipping_norm_and_says_why(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, **(PRIVATE | {"site-dp": "client-fixed"}))
+    grid = RecordingGrid(synthetic_sites[:1], config_dict)
+    instruction = Message(RecordDict({"arrays": initial_arrays(FederatedConfig.from_run_config(config_dict)),
+                                      "config": ConfigRecord({"server-round": 1})}), 100, MessageType.TRAIN)
+
+    reply = grid.send_and_receive([instruction])[0]
+
+    assert reply.has_error() and "clipping_norm" in reply.error.reason
