@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
@@ -31,7 +30,7 @@ from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluatio
 from pneumofed.common.learning.modelfile import IncompatibleModelFile, ModelCard, require_compatible
 from pneumofed.common.learning.state import floating_state
 from pneumofed.server.outputs import RunDirectory
-from pneumofed.server.validation import as_numpy, evaluation_problem
+from pneumofed.server.validation import arrays_problem, as_numpy, evaluation_problem
 
 log = logging.getLogger("pneumofed.server")
 
@@ -129,15 +128,7 @@ def local_model_problem(
         missing, unexpected = sorted(set(reference) - set(values)), sorted(set(values) - set(reference))
         return f"its arrays are not the run model's tensors: missing {missing[:3]}, unexpected {unexpected[:3]}"
     variances = {name for name in config.batchnorm_statistics() if name.endswith("running_var")}
-    for name, tensor in reference.items():
-        value = values[name]
-        if value.shape != tuple(tensor.shape) or value.dtype != np.float32:
-            return f"{name}: {value.dtype} of shape {value.shape}, the model's is float32 of shape {tuple(tensor.shape)}"
-        if not np.isfinite(value).all():
-            return f"{name}: contains NaN or infinite values"
-        if name in variances and not (value > 0).all():
-            return f"{name}: a BatchNorm variance is not positive"
-    return None
+    return arrays_problem({name: tensor.numpy() for name, tensor in reference.items()}, values, variances)
 
 
 def _evaluate_everywhere(grid: Grid, nodes: Sequence[int], candidate: CandidateModel,

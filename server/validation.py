@@ -46,19 +46,29 @@ def update_problem(
         return f"num-examples {num_examples} exceeds the {declared_examples} training ROIs the site declared"
     if list(values.keys()) != list(global_values.keys()):
         return f"array keys differ from the global model ({len(values)} vs {len(global_values)} arrays)"
-    for name, expected in global_values.items():
+    if (problem := arrays_problem(global_values, values, variances)) is not None:
+        return problem
+    ratio = update_norm(global_values, values) / max(_norm(global_values), 1e-12)
+    if ratio > max_update_ratio:
+        return f"update norm is {ratio:.3g}x the global model's (bound {max_update_ratio:g}x)"
+    return None
+
+
+def arrays_problem(
+    expected: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray], variances: Collection[str] = ()
+) -> str | None:
+    """Why `values` (holding every name of `expected`) are not arrays of `expected`'s shapes and
+    dtypes, finite, with the arrays named in `variances` positive everywhere; None when they are."""
+    for name, reference in expected.items():
         received = values[name]
-        if received.shape != expected.shape:
-            return f"{name}: shape {received.shape} != {expected.shape}"
-        if received.dtype != expected.dtype:
-            return f"{name}: dtype {received.dtype} != {expected.dtype}"
+        if received.shape != reference.shape:
+            return f"{name}: shape {received.shape} != {reference.shape}"
+        if received.dtype != reference.dtype:
+            return f"{name}: dtype {received.dtype} != {reference.dtype}"
         if not np.isfinite(received).all():
             return f"{name}: contains NaN or infinite values"
         if name in variances and not (received > 0).all():
             return f"{name}: a BatchNorm variance is not positive"
-    ratio = update_norm(global_values, values) / max(_norm(global_values), 1e-12)
-    if ratio > max_update_ratio:
-        return f"update norm is {ratio:.3g}x the global model's (bound {max_update_ratio:g}x)"
     return None
 
 
