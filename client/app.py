@@ -19,6 +19,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -29,6 +30,7 @@ from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from torch import nn
 
@@ -38,6 +40,7 @@ from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
+from pneumofed.common.federation.held_model import HELD_GLOBAL_MODEL, HOLD_GLOBAL_MODEL, NOT_HELD, arrays_digest
 from pneumofed.common.federation.legacy_fit import fit_reply, train_instruction
 from pneumofed.common.federation.site_policy import EvaluationPolicy, LocalModelPolicy, PrivacyBudget
 from pneumofed.common.learning import training
@@ -82,9 +85,30 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return secaggplus_mod(msg, context, train_as_fit)
 
 
+def held_global_model_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Keeps the global model of an evaluation when the server asks (`hold-global-model`), and puts
+    it back into the next TRAIN instruction that names it instead of carrying it, so the aggregate
+    travels to the site once per round (`common/federation/held_model.py`)."""
+    config = msg.content.config_records.get("config", ConfigRecord())
+    kind = msg.metadata.message_type
+    if kind == MessageType.TRAIN and HELD_GLOBAL_MODEL in config:
+        held = context.state.array_records.get(HELD_GLOBAL_MODEL)
+        if held is None or arrays_digest(held) != config[HELD_GLOBAL_MODEL]:
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=NOT_HELD), reply_to=msg)
+        del context.state[HELD_GLOBAL_MODEL]
+        instruction = copy.copy(msg)
+        instruction.content = RecordDict({**msg.content, "arrays": held})
+        return call_next(instruction, context)
+    reply = call_next(msg, context)
+    if kind == MessageType.EVALUATE and HOLD_GLOBAL_MODEL in config and not reply.has_error():
+        context.state[HELD_GLOBAL_MODEL] = msg.content["arrays"]
+    return reply
+
+
 # Outermost first: secure_aggregation_mod turns SecAgg+'s legacy messages into the plain TRAIN
-# messages that the mods after it and the handlers read.
-MODS = [secure_aggregation_mod, site_dp_clipping_mod]
+# messages that the mods after it and the handlers read; the clipping mod needs the global model
+# that held_global_model_mod puts back.
+MODS = [secure_aggregation_mod, held_global_model_mod, site_dp_clipping_mod]
 app = ClientApp(mods=MODS)
 
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
@@ -127,10 +151,7 @@ def _global_model_at_site(
     """The run's settings, this site's data, the received global model with the site's own
     BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use, and the
     received global arrays decoded to fp32 (what an int8 reply's update is taken from)."""
-    config = FederatedConfig.from_run_config(run_config)
-    site = _site_data(node_config, config)
-    model = config.build_model()
-    received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
+    config, site, model, received = _received_at_site(arrays, run_config, node_config)
     local = state.array_records.get(LOCAL_BATCHNORM)
     load_exchanged_state(model, received.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
     return config, site, model, received
@@ -141,12 +162,19 @@ def _whole_model_at_site(
 ) -> tuple[FederatedConfig, SiteData, nn.Module]:
     """The run's settings, this site's data and the received whole model, BatchNorm included, as it
     is: a local-only model is scored as its site trained it, never with this site's BatchNorm."""
-    config = FederatedConfig.from_run_config(run_config)
-    site = _site_data(node_config, config)
-    model = config.build_model()
-    received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
+    config, site, model, received = _received_at_site(arrays, run_config, node_config)
     load_floating_state(model, received.to_torch_state_dict())
     return config, site, model
+
+
+def _received_at_site(
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[FederatedConfig, SiteData, nn.Module, ArrayRecord]:
+    """The run's settings, this site's data, a fresh model of the run and the received arrays in fp32."""
+    config = FederatedConfig.from_run_config(run_config)
+    site = _site_data(node_config, config)
+    received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
+    return config, site, config.build_model(), received
 
 
 def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
@@ -169,7 +197,7 @@ def share_local_model(run_config: Mapping[str, Any], node_config: Mapping[str, A
         return RecordDict({"site": site})
     model, card = shared
     card_fields = ConfigRecord({"model": card.model, "width": card.width, "in-channels": card.in_channels,
-                                "class-names": card.class_names, "roi-size": card.roi_size})
+                                "class-names": card.class_names, "roi-size": card.roi_size, "norm-layer": card.norm_layer})
     return RecordDict({"arrays": ArrayRecord(floating_state(model)), "card": card_fields, "site": site})
 
 

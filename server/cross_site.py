@@ -118,7 +118,7 @@ def local_model_problem(
     try:
         card = ModelCard.model_validate({key.replace("-", "_"): value for key, value in card_fields.items()})
         require_compatible(card, f"the local model of {site}", model=config.model, width=config.model_width,
-                           class_names=config.classes, roi_size=config.roi_size, fixes={})
+                           class_names=config.classes, roi_size=config.roi_size, norm_layer=config.norm_layer, fixes={})
     except ValidationError as error:
         return "its card is malformed: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
     except IncompatibleModelFile as error:

@@ -1,7 +1,8 @@
 """A federated run, round by round, readable in one place.
 
 Each round: the strategy picks nodes and builds the train instructions, which carry the global
-model encoded as `update-encoding` says (`encoding`); every reply is decoded to fp32 and
+model encoded as `update-encoding` says (`encoding`), or, to a site that kept the model it evaluated
+last round, only its digest (`held_model`); every reply is decoded to fp32 and
 validated (`validation.update_problem`) and a bad one dropped with its reason; the strategy
 aggregates the rest; the new global model is evaluated on the sites' validation parts and pooled
 (`pooling.pool_evaluations`); the run directory records the round. After the last round the model
@@ -30,6 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state
+from pneumofed.common.federation.held_model import HELD_GLOBAL_MODEL, HOLD_GLOBAL_MODEL, NOT_HELD, arrays_digest
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
 from pneumofed.common.learning.modelfile import load_model_file, require_compatible
 from pneumofed.server.cross_site import cross_site_validation
@@ -99,7 +101,8 @@ def initial_arrays(config: FederatedConfig) -> ArrayRecord:
     require_compatible(
         card, f"init-model {config.init_model}",
         model=config.model, width=config.model_width, class_names=config.classes, roi_size=config.roi_size,
-        fixes={"model": "set model={file}", "width": "set model-width={file}",
+        norm_layer=config.norm_layer,
+        fixes={"model": "set model={file}", "width": "set model-width={file}", "norm_layer": "set norm-layer={file}",
                "class_names": "set class-names={file} and prepare the sites with these classes",
                "roi_size": "set roi-size={file} and prepare the sites with --roi-size {file}"},
     )
@@ -266,6 +269,40 @@ def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, confi
     return messages
 
 
+def send_training(grid: Grid, instructions: list[Message], held: Mapping[int, str], config: FederatedConfig) -> list[Message]:
+    """Send the round's TRAIN `instructions` and return the replies. A site whose `held` digest (the
+    model it kept from the last evaluation) is the instructions' model gets the instruction without
+    the arrays, naming the digest; a site that turns out not to hold it gets the full instruction."""
+    if not instructions:
+        return []
+    digest = arrays_digest(instructions[0].content["arrays"])  # encoded_instructions: one record for all
+    sent = [_naming_held_model(message, digest) if held.get(message.metadata.dst_node_id) == digest else message
+            for message in instructions]
+    replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
+    unheld = {reply.metadata.src_node_id for reply in replies if reply.has_error() and NOT_HELD in reply.error.reason}
+    if not unheld:
+        return replies
+    log.info("resending the global model to node(s) %s, which no longer hold it", sorted(unheld))
+    resent = grid.send_and_receive([message for message in instructions if message.metadata.dst_node_id in unheld],
+                                   timeout=config.round_timeout)
+    return [reply for reply in replies if reply.metadata.src_node_id not in unheld] + list(resent)
+
+
+def _naming_held_model(instruction: Message, digest: str) -> Message:
+    content = RecordDict({key: record for key, record in instruction.content.items() if key != "arrays"})
+    content["config"] = ConfigRecord({**instruction.content["config"], HELD_GLOBAL_MODEL: digest})
+    return Message(content, instruction.metadata.dst_node_id, instruction.metadata.message_type)
+
+
+def _holding_evaluated_model(instructions: list[Message]) -> str:
+    """Ask every site in `instructions` (EVALUATE) to keep the model for the next round's training;
+    returns its digest."""
+    digest = arrays_digest(instructions[0].content["arrays"]) if instructions else ""
+    for message in instructions:
+        message.content["config"][HOLD_GLOBAL_MODEL] = digest
+    return digest
+
+
 def _in_dtypes_of(reference: Mapping[str, np.ndarray], arrays: ArrayRecord) -> ArrayRecord:
     # Server optimisers (FedAdam's moments) compute in float64; sites train in float32 and
     # their next updates are checked against the global model's dtypes.
@@ -320,6 +357,7 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     if config.class_weighting:
         train_config["class-weights"] = federation_class_weights(declarations, len(config.classes))
     evaluation: PooledEvaluation | None = None
+    held: dict[int, str] = {}  # node -> digest of the global model it kept from the last evaluation
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
         started = time.perf_counter()
@@ -335,7 +373,7 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         if config.secure_aggregation:  # the replies hold only the sites' sum (server/secure_aggregation.py)
             train_replies = train_securely(grid, instructions, config, declarations)
         else:
-            train_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+            train_replies = send_training(grid, instructions, held, config)
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
         aggregated = time.perf_counter()
@@ -345,7 +383,12 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         instructions = encoded_instructions(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid), arrays, config
         )
+        # The next round trains from this model: sites keep it rather than receive it twice (not
+        # under SecAgg+, whose protocol carries the model in its own legacy messages).
+        holding = server_round < config.num_server_rounds and not config.secure_aggregation
+        digest = _holding_evaluated_model(instructions) if holding else ""
         evaluate_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+        held = {reply.metadata.src_node_id: digest for reply in evaluate_replies if holding and not reply.has_error()}
         pooling = time.perf_counter()
         evaluation = pool_replies(evaluate_replies, config.classes)
         timing = RoundTiming(

@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from pneumofed.client.app import answer_query, evaluate_locally
+from pneumofed.client.app import answer_query
 from pneumofed.client.app import app as client_app
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.server.outputs import RunDirectory
@@ -28,6 +28,14 @@ from pneumofed.server.rounds import run_federation
 
 FIRST_NODE_ID = 100
 log = logging.getLogger("pneumofed.simulations")
+
+
+class ModRefusal(Exception):
+    """A ClientApp mod answered with an error reply instead of calling the handler."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.reason)
+        self.error = error
 
 
 class InProcessGrid:
@@ -53,26 +61,28 @@ class InProcessGrid:
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
             return answer_query(message.content["config"], self.run_config, self.node_configs[node])
-        if kind == MessageType.TRAIN:
+        if kind in (MessageType.TRAIN, MessageType.EVALUATE):
             # Through the ClientApp itself, as a SuperNode delivers it: its mods (secure aggregation,
-            # site-level DP) act on training messages, and may change the copy each node receives
-            # (SecAgg+ sends every node one content object).
+            # site-level DP, the held global model) act on these messages, and may change the copy
+            # each node receives (SecAgg+ sends every node one content object).
             context = Context(run_id=0, node_id=node, node_config=self.node_configs[node], state=self.states[node],
                               run_config=self.run_config)
             delivered = copy.copy(message)
             delivered.content = copy.deepcopy(message.content)
             reply = client_app(delivered, context)
             if reply.has_error():  # a mod's refusal (e.g. Flower's clipping mod without its clipping norm)
-                raise RuntimeError(reply.error.reason)
+                raise ModRefusal(reply.error)
             return reply.content
-        return evaluate_locally(message.content["arrays"], message.content["config"], self.run_config,
-                                self.node_configs[node], self.states[node])
+        raise ValueError(f"no ClientApp handler for message type {kind!r}")
 
     def reply(self, message: Message) -> Message:
         """The handler's reply, or, as a SuperNode sends it when its ClientApp raises, an error reply
         whose reason carries the exception (a site refusing an evaluation does this)."""
         try:
             return Message(self.handle(message), reply_to=message)
+        except ModRefusal as refusal:  # a SuperNode sends a mod's error reply as it is
+            log.info("node %s: a ClientApp mod refused: %s", message.metadata.dst_node_id, refusal.error.reason)
+            return Message(refusal.error, reply_to=message)
         except Exception as error:  # noqa: BLE001  (Flower's run_clientapp catches every exception too)
             refused = isinstance(error, PermissionError)  # the site's own policy, not a fault: no traceback
             log.log(logging.INFO if refused else logging.ERROR, "node %s: the ClientApp raised %r",

@@ -191,6 +191,8 @@ def test_the_server_refuses_local_model_arrays_that_are_not_the_run_models(tmp_p
     assert local_model_problem(reply(negative), "h", config, reference) == f"{variance}: a BatchNorm variance is not positive"
     reordered = ConfigRecord({**card, "class-names": CLASSES[::-1]})
     assert "classes (names in order)" in local_model_problem(reply(reference, reordered), "h", config, reference)
+    grouped = ConfigRecord({**card, "norm-layer": "group"})
+    assert "normalisation layers: 'group'" in local_model_problem(reply(reference, grouped), "h", config, reference)
     assert "its card is malformed: roi_size" in local_model_problem(
         reply(reference, ConfigRecord({k: v for k, v in card.items() if k != "roi-size"})), "h", config, reference)
 
@@ -225,7 +227,7 @@ def test_a_simulated_node_shares_the_local_model_that_run_config_local_models_gi
     assert {name: array.numpy().tolist() for name, array in shared["arrays"].items()} == {
         name: tensor.numpy().tolist() for name, tensor in expected.items()}
     assert dict(shared["card"]) == {"model": "shufflenet_v2_eca", "width": 0.5, "in-channels": 1,
-                                    "class-names": CLASSES, "roi-size": 32}
+                                    "class-names": CLASSES, "roi-size": 32, "norm-layer": "batch"}
     unshared = answer_query(query, settings, {"partition-id": 0, "num-partitions": 3})
     assert set(unshared) == {"site"} and unshared["site"]["shares-local-model"] is False
     with pytest.raises(ValueError, match="unknown query 'weights'; this site answers class-counts, local-model"):

@@ -310,6 +310,44 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(synthetic_si
         torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-6)
 
 
+def _carrying_arrays(grid: RecordingGrid, kind: str) -> list[bool]:
+    return [bool(m.content.array_records) for m in grid.instructions if m.metadata.message_type == kind]
+
+
+def test_after_the_first_round_each_site_receives_the_global_model_once_per_round(synthetic_sites, tmp_path, flower_identity):
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 3}))
+    sites = len(synthetic_sites)
+
+    # Rounds 2 and 3 train from the model each site kept from the previous round's evaluation.
+    assert _carrying_arrays(grid, MessageType.TRAIN) == [True] * sites + [False] * 2 * sites
+    assert all(_carrying_arrays(grid, MessageType.EVALUATE))
+    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN and not r.has_error()]
+    assert len(trained) == 3 * sites
+    history = json.loads((run.path / "metrics.json").read_text())
+    assert [record["rejected-updates"] for record in history] == [[], [], []]
+
+
+def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_kept_it(synthetic_sites, tmp_path, flower_identity):
+    class ForgetfulGrid(RecordingGrid):  # node 100's SuperNode restarts after every evaluation
+        def handle(self, message):
+            content = super().handle(message)
+            if message.metadata.message_type == MessageType.EVALUATE:
+                self.states[100] = RecordDict()
+            return content
+
+    config = run_config(tmp_path / "kept", **{"num-server-rounds": 2})
+    kept, _ = federate(synthetic_sites, config)
+    forgetful = ForgetfulGrid(synthetic_sites, run_config(tmp_path / "lost", **{"num-server-rounds": 2}))
+    lost = RunDirectory.open(FederatedConfig.from_run_config(forgetful.run_config), flower_run_id=1)
+    run_federation(forgetful, FederatedConfig.from_run_config(forgetful.run_config), lost)
+
+    round_2 = [m for m in forgetful.instructions if m.metadata.message_type == MessageType.TRAIN][len(synthetic_sites):]
+    assert sorted((bool(m.content.array_records), m.metadata.dst_node_id) for m in round_2) == [
+        (False, 100), (False, 101), (False, 102), (True, 100)]
+    for name, tensor in torch.load(kept.path / "models" / "round-002.pt", weights_only=True)["state"].items():
+        torch.testing.assert_close(torch.load(lost.path / "models" / "round-002.pt", weights_only=True)["state"][name], tensor)
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_keeps_the_global_model_in_the_sites_dtypes_so_later_rounds_are_accepted(name, synthetic_sites, tmp_path, flower_identity):
     run, _ = federate(synthetic_sites[:2], run_config(tmp_path, strategy=name, **{"num-server-rounds": 2}))

@@ -36,7 +36,8 @@ def model_file(path: Path, seed: int = 123, **card) -> Path:
     """A pneumofed model file of a randomly initialised network (`seed`), built as its card says."""
     card = FITTING | card
     torch.manual_seed(seed)
-    model = build_model(card["model"], len(card["class_names"]), width=card["width"])
+    model = build_model(card["model"], len(card["class_names"]), width=card["width"],
+                        norm_layer=card.get("norm_layer", "batch"))
     return save_model_file(path, model, ModelCard(provenance={"trainer": "test"}, **card))
 
 
@@ -99,6 +100,8 @@ MISMATCHES = {
                 "set class-names=interstitial,nodule,emphysema", "prepared with the classes interstitial,nodule,emphysema"),
     "roi-size": ({"roi_size": 64}, "ROI size (px): 64 in the file, 32 here", "set roi-size=64",
                  "prepared with --roi-size 64"),
+    "norm-layer": ({"norm_layer": "group"}, "normalisation layers: 'group' in the file, 'batch' here",
+                   "set norm-layer=group", "use --norm-layer group"),
 }
 
 
@@ -195,3 +198,18 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_from_init_model(synthet
     round_1 = torch.load(first.path / "models" / "round-001.pt", weights_only=True)["state"]
     assert set(sent) == set(round_1)
     assert all(torch.equal(sent[name], round_1[name]) for name in round_1)
+
+
+def test_a_groupnorm_model_trained_centrally_starts_a_groupnorm_federated_run(synthetic_sites, tmp_path, flower_identity):
+    out = tmp_path / "central"
+    assert main(["train", "--store", str(synthetic_sites[0]), "--out", str(out), "--width", "0.5", "--epochs", "1",
+                 "--norm-layer", "group", "--device", "cpu", "--bootstrap", "20", "--no-augment"]) == 0
+    trained, card = load_model_file(out / "model.pt")
+    assert card.norm_layer == "group"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules())
+
+    _, grid = federate(synthetic_sites[:1], run_config(tmp_path, **{"init-model": str(out / "model.pt"),
+                                                                      "norm-layer": "group"}))
+    sent = grid.first_train_arrays()
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(sent[name], tensor)

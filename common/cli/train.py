@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
@@ -15,7 +16,7 @@ from pneumofed.common.learning.centralised import (
     train_centralised,
 )
 from pneumofed.common.learning.evaluation import DEFAULT_BOOTSTRAP
-from pneumofed.common.learning.models import MODEL_NAMES
+from pneumofed.common.learning.models import MODEL_NAMES, NormLayer
 from pneumofed.common.learning.training import TrainConfig
 
 
@@ -25,6 +26,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--model", choices=MODEL_NAMES, default="shufflenet_v2_eca")
     parser.add_argument("--width", type=float, default=1.0, help="ShuffleNet width multiplier (0.5, 1.0, 1.5, 2.0)")
+    parser.add_argument("--norm-layer", choices=get_args(NormLayer), default="batch",
+                        help="batch (BatchNorm, as published) or group (GroupNorm, as DP-SGD needs)")
     parser.add_argument("--folds", type=int, default=None,
                         help="k-fold cross-validation by patient (e.g. 10); default: 70/20/10 hold-out")
     parser.add_argument("--epochs", type=int, default=30)
@@ -40,7 +43,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--init", type=Path, default=None, metavar="MODEL_FILE",
                         help="start from this pneumofed model file instead of a random initialisation "
-                             "(its model, width, classes and ROI size must match)")
+                             "(its model, width, norm layers, classes and ROI size must match)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples for AUC CIs")
 
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out,
             model=args.model,
             width=args.width,
+            norm_layer=args.norm_layer,
             training=TrainConfig(
                 epochs=args.epochs,
                 learning_rate=args.lr,

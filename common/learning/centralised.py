@@ -49,7 +49,7 @@ from pneumofed.common.learning.evaluation import (
     write_summary,
 )
 from pneumofed.common.learning.modelfile import ModelCard, load_model_file, require_compatible, save_model_file
-from pneumofed.common.learning.models import build_model
+from pneumofed.common.learning.models import NormLayer, build_model
 from pneumofed.common.learning.state import floating_state, load_floating_state
 from pneumofed.common.learning.training import (
     TrainConfig,
@@ -74,6 +74,7 @@ class CentralisedSettings(BaseModel):
     out_dir: Path
     model: str = "shufflenet_v2_eca"
     width: float = 1.0
+    norm_layer: NormLayer = "batch"
     training: TrainConfig = TrainConfig()
     augmentation: AugmentationConfig | None = DEFAULT_AUGMENTATION  # None: no augmentation
     folds: int | None = Field(None, ge=2)  # None: 70/20/10 hold-out
@@ -83,13 +84,13 @@ class CentralisedSettings(BaseModel):
     split_seed: int = Field(0, ge=0)
     bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=1)
     # A pneumofed model file every model (every fold's) starts from instead of a seeded random
-    # initialisation; its card must match model, width and the stores' classes and ROI size.
+    # initialisation; its card must match model, width, norm layers and the stores' classes and ROI size.
     init: Path | None = None
 
     @model_validator(mode="after")
     def _buildable(self) -> CentralisedSettings:
         with torch.device("meta"):  # no weights allocated: only build_model's checks of name and width matter
-            build_model(self.model, width=self.width)
+            build_model(self.model, width=self.width, norm_layer=self.norm_layer)
         return self
 
 
@@ -191,7 +192,8 @@ def _starting_state(data: PooledRois, settings: CentralisedSettings) -> dict[str
     require_compatible(
         card, f"--init {settings.init}",
         model=settings.model, width=settings.width, class_names=data.class_names, roi_size=data.roi_size,
-        fixes={"model": "use --model {file}", "width": "use --width {file}",
+        norm_layer=settings.norm_layer,
+        fixes={"model": "use --model {file}", "width": "use --width {file}", "norm_layer": "use --norm-layer {file}",
                "class_names": "train on stores prepared with the classes {file}",
                "roi_size": "train on stores prepared with --roi-size {file}"},
     )
@@ -216,7 +218,7 @@ def _train_one(
             raise ValueError(f"--expand {settings.expand} is smaller than the training part ({len(train_set)} ROIs)")
         train_set = expanded(train_set, settings.expand, settings.augmentation or DEFAULT_AUGMENTATION, settings.training.seed)
     seed_everything(settings.training.seed)  # weight initialisation repeats with the seed
-    model = build_model(settings.model, len(data.class_names), width=settings.width)
+    model = build_model(settings.model, len(data.class_names), width=settings.width, norm_layer=settings.norm_layer)
     if start is not None:
         load_floating_state(model, start)
     augment = None if settings.augmentation is None else build_augmentation(settings.augmentation)
@@ -228,6 +230,7 @@ def _train_one(
     card = ModelCard(
         model=settings.model,
         width=settings.width,
+        norm_layer=settings.norm_layer,
         class_names=list(data.class_names),
         roi_size=data.roi_size,
         spacing_mm=data.spacing_mm,

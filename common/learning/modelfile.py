@@ -70,18 +70,21 @@ def require_compatible(
     roi_size: int,
     fixes: Mapping[str, str],
     in_channels: int = 1,
+    norm_layer: NormLayer = "batch",
 ) -> None:
     """Raise `IncompatibleModelFile` unless `card` was built exactly as its user builds its model:
-    same model name, width, input channels, class names in the same order and ROI size.
+    same model name, width, input channels, normalisation layers, class names in the same order and
+    ROI size.
 
     The one rule for starting training from a model file (federated `init-model`, `train --init`).
-    `fixes` says, per setting (`model`, `width`, `class_names`, `roi_size`, `in_channels`), how the
+    `fixes` says, per setting (`model`, `width`, `class_names`, `roi_size`, `in_channels`, `norm_layer`), how the
     user changes theirs to the file's; ``{file}`` in it is replaced by the file's value.
     """
     wanted = {"model": model, "width": float(width), "in_channels": in_channels,
-              "class_names": list(class_names), "roi_size": roi_size}
+              "class_names": list(class_names), "roi_size": roi_size, "norm_layer": norm_layer}
     labels = {"model": "model", "width": "width", "in_channels": "input channels",
-              "class_names": "classes (names in order)", "roi_size": "ROI size (px)"}
+              "class_names": "classes (names in order)", "roi_size": "ROI size (px)",
+              "norm_layer": "normalisation layers"}
     differences = []
     for name, value in wanted.items():
         held = getattr(card, name)

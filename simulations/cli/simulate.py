@@ -128,7 +128,7 @@ def train_local_models(sites: Sequence[Path], config: FederatedConfig, out_dir: 
         model = config.build_model()
         history, best_epoch = train_keeping_best_epoch(model, site.train, site.val, config.classes, settings, augment)
         recalibrate_batchnorm(model, site.train, max(config.batch_size, 64), select_device(settings.device))
-        card = ModelCard(model=config.model, width=config.model_width, class_names=config.classes,
+        card = ModelCard(model=config.model, width=config.model_width, norm_layer=config.norm_layer, class_names=config.classes,
                          roi_size=config.roi_size, provenance={"trainer": "local", "site": store.name, "epoch": best_epoch,
                                                                "val_macro_auc": history[best_epoch - 1]["val auc"]})
         paths.append(save_model_file(out_dir / f"{store.name}.pt", model, card))
