@@ -58,6 +58,8 @@ class TrainRound:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
+    # Nodes that trained from the global model they kept from the last evaluation (`send_training`).
+    from_held_model: list[int] = field(default_factory=list)
     # Each site's DP-SGD spend as its reply states it, by node id (`outputs.reported_privacy`).
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -269,23 +271,28 @@ def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, confi
     return messages
 
 
-def send_training(grid: Grid, instructions: list[Message], held: Mapping[int, str], config: FederatedConfig) -> list[Message]:
-    """Send the round's TRAIN `instructions` and return the replies. A site whose `held` digest (the
-    model it kept from the last evaluation) is the instructions' model gets the instruction without
-    the arrays, naming the digest; a site that turns out not to hold it gets the full instruction."""
+def send_training(
+    grid: Grid, instructions: list[Message], held: Mapping[int, str], config: FederatedConfig
+) -> tuple[list[Message], list[int]]:
+    """Send the round's TRAIN `instructions`; returns the replies and the nodes that trained from the
+    model they held. A site whose `held` digest (the model it kept from the last evaluation) is the
+    instructions' model gets the instruction without the arrays, naming the digest; a site that turns
+    out not to hold it gets the full instruction."""
     if not instructions:
-        return []
+        return [], []
     digest = arrays_digest(instructions[0].content["arrays"])  # encoded_instructions: one record for all
-    sent = [_naming_held_model(message, digest) if held.get(message.metadata.dst_node_id) == digest else message
+    lean = {message.metadata.dst_node_id for message in instructions if held.get(message.metadata.dst_node_id) == digest}
+    sent = [_naming_held_model(message, digest) if message.metadata.dst_node_id in lean else message
             for message in instructions]
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
     unheld = {reply.metadata.src_node_id for reply in replies if reply.has_error() and NOT_HELD in reply.error.reason}
+    from_held = sorted(lean - unheld)
     if not unheld:
-        return replies
+        return replies, from_held
     log.info("resending the global model to node(s) %s, which no longer hold it", sorted(unheld))
     resent = grid.send_and_receive([message for message in instructions if message.metadata.dst_node_id in unheld],
                                    timeout=config.round_timeout)
-    return [reply for reply in replies if reply.metadata.src_node_id not in unheld] + list(resent)
+    return [reply for reply in replies if reply.metadata.src_node_id not in unheld] + list(resent), from_held
 
 
 def _naming_held_model(instruction: Message, digest: str) -> Message:
@@ -370,14 +377,16 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         instructions = encoded_instructions(configured, arrays, config)
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
+        from_held: list[int] = []
         if config.secure_aggregation:  # the replies hold only the sites' sum (server/secure_aggregation.py)
             train_replies = train_securely(grid, instructions, config, declarations)
         else:
-            train_replies = send_training(grid, instructions, held, config)
+            train_replies, from_held = send_training(grid, instructions, held, config)
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
         aggregated = time.perf_counter()
         trained.privacy = reported_privacy(train_replies)
+        trained.from_held_model = from_held
         if trained.arrays is not None:
             arrays = trained.arrays
         instructions = encoded_instructions(

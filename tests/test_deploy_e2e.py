@@ -7,6 +7,7 @@ Every process is started from the shipped kit scripts in its own session and sto
 from __future__ import annotations
 
 import http.client
+import json
 import shutil
 import signal
 import subprocess
@@ -225,6 +226,9 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Loop
             digests_by_round.setdefault(entry["round"], set()).add(entry["arrays"]["arrays"]["sha256"])
     # Each site trained on its own data, so the three updates of a round differ.
     assert all(len(digests) == len(HOSPITALS) for digests in digests_by_round.values())
+    # Round 2 trained from the model each SuperNode kept from round 1's evaluation (context.state).
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert [record["trained-from-held-model"] for record in history] == [0, len(HOSPITALS)]
 
     for name, process in nodes.items():  # SIGTERM is enough: no SuperNode needs killing
         assert fed.processes.stop(process) != -signal.SIGKILL, name

@@ -325,6 +325,7 @@ def test_after_the_first_round_each_site_receives_the_global_model_once_per_roun
     assert len(trained) == 3 * sites
     history = json.loads((run.path / "metrics.json").read_text())
     assert [record["rejected-updates"] for record in history] == [[], [], []]
+    assert [record["trained-from-held-model"] for record in history] == [0, sites, sites]
 
 
 def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_kept_it(synthetic_sites, tmp_path, flower_identity):
@@ -344,6 +345,7 @@ def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_k
     round_2 = [m for m in forgetful.instructions if m.metadata.message_type == MessageType.TRAIN][len(synthetic_sites):]
     assert sorted((bool(m.content.array_records), m.metadata.dst_node_id) for m in round_2) == [
         (False, 100), (False, 101), (False, 102), (True, 100)]
+    assert json.loads((lost.path / "metrics.json").read_text())[1]["trained-from-held-model"] == 2
     for name, tensor in torch.load(kept.path / "models" / "round-002.pt", weights_only=True)["state"].items():
         torch.testing.assert_close(torch.load(lost.path / "models" / "round-002.pt", weights_only=True)["state"][name], tensor)
 
