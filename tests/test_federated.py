@@ -315,17 +315,17 @@ def _carrying_arrays(grid: RecordingGrid, kind: str) -> list[bool]:
 
 
 def test_after_the_first_round_each_site_receives_the_global_model_once_per_round(synthetic_sites, tmp_path, flower_identity):
-    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 3}))
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
     sites = len(synthetic_sites)
 
-    # Rounds 2 and 3 train from the model each site kept from the previous round's evaluation.
-    assert _carrying_arrays(grid, MessageType.TRAIN) == [True] * sites + [False] * 2 * sites
+    # Round 2 trains from the model each site kept from round 1's evaluation.
+    assert _carrying_arrays(grid, MessageType.TRAIN) == [True] * sites + [False] * sites
     assert all(_carrying_arrays(grid, MessageType.EVALUATE))
     trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN and not r.has_error()]
-    assert len(trained) == 3 * sites
+    assert len(trained) == 2 * sites
     history = json.loads((run.path / "metrics.json").read_text())
-    assert [record["rejected-updates"] for record in history] == [[], [], []]
-    assert [record["trained-from-held-model"] for record in history] == [0, sites, sites]
+    assert [record["rejected-updates"] for record in history] == [[], []]
+    assert [record["trained-from-held-model"] for record in history] == [0, sites]
 
 
 def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_kept_it(synthetic_sites, tmp_path, flower_identity):
@@ -336,16 +336,16 @@ def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_k
                 self.states[100] = RecordDict()
             return content
 
-    config = run_config(tmp_path / "kept", **{"num-server-rounds": 2})
-    kept, _ = federate(synthetic_sites, config)
-    forgetful = ForgetfulGrid(synthetic_sites, run_config(tmp_path / "lost", **{"num-server-rounds": 2}))
+    sites = synthetic_sites[:2]
+    kept, _ = federate(sites, run_config(tmp_path / "kept", **{"num-server-rounds": 2}))
+    forgetful = ForgetfulGrid(sites, run_config(tmp_path / "lost", **{"num-server-rounds": 2}))
     lost = RunDirectory.open(FederatedConfig.from_run_config(forgetful.run_config), flower_run_id=1)
     run_federation(forgetful, FederatedConfig.from_run_config(forgetful.run_config), lost)
 
-    round_2 = [m for m in forgetful.instructions if m.metadata.message_type == MessageType.TRAIN][len(synthetic_sites):]
+    round_2 = [m for m in forgetful.instructions if m.metadata.message_type == MessageType.TRAIN][len(sites):]
     assert sorted((bool(m.content.array_records), m.metadata.dst_node_id) for m in round_2) == [
-        (False, 100), (False, 101), (False, 102), (True, 100)]
-    assert json.loads((lost.path / "metrics.json").read_text())[1]["trained-from-held-model"] == 2
+        (False, 100), (False, 101), (True, 100)]
+    assert json.loads((lost.path / "metrics.json").read_text())[1]["trained-from-held-model"] == 1
     for name, tensor in torch.load(kept.path / "models" / "round-002.pt", weights_only=True)["state"].items():
         torch.testing.assert_close(torch.load(lost.path / "models" / "round-002.pt", weights_only=True)["state"][name], tensor)
 
