@@ -160,6 +160,9 @@ class ExperimentConfig(_Strict):
     pooled: bool = True
     local: bool = True
     partitions: dict[str, PartitionConfig] = {}
+    # The arm (by name) every other arm of its partition is compared with, paired by seed, in the
+    # summary across seeds: "pooled", or a federated arm such as the non-private one of a DP study.
+    reference: str = "pooled"
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -167,6 +170,10 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
         if (self.federated or self.pooled or self.local) and not self.partitions:
             raise ValueError("pooled, federated and local arms need at least one [partitions.<name>] table")
+        federated_arms = set(self.federated.arms() if self.federated else ())
+        if self.reference != "pooled" and self.reference not in federated_arms:  # pooled off: no comparison
+            raise ValueError(f"reference {self.reference!r} is not an arm of this experiment; "
+                             f"choose from {', '.join(sorted(federated_arms | {'pooled'}))}")
         for name in self.partitions:
             if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
                 raise ValueError(f"partition name {name!r} must be letters, digits, '-', '_' or '.'")
@@ -607,8 +614,9 @@ def _mean_sd_ci(values: list[float], bounds: tuple[float, float]) -> tuple[float
 
 def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
     """Across the seeds finished so far: per arm, macro AUC and macro recall as mean +- sd with the 95 %
-    CI of the mean, and the arm's macro AUC minus the pooled arm's of the same seed (paired: same data,
-    same test ROIs) with its CI. Writes summary.md and summary.csv; returns the rows."""
+    CI of the mean, and the arm's macro AUC minus the reference arm's (`reference`, pooled by default)
+    of the same seed (paired: same data, same test ROIs) with its CI. Writes summary.md and summary.csv;
+    returns the rows."""
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for seed in config.seeds or []:
         path = out / f"seed-{seed}" / "results.json"
@@ -620,14 +628,14 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
             arms.setdefault((arm["group"], arm["kind"], arm["name"]), {})[seed] = arm["summary"]
     rows = []
     for (group, kind, name), by_seed in arms.items():
-        pooled = arms.get((group, "pooled", "pooled"), {})
+        reference = next((arm for (g, _, n), arm in arms.items() if g == group and n == config.reference), {})
         auc = _mean_sd_ci([s["macro_auc"] for s in by_seed.values()], (0.0, 1.0))
         recall = _mean_sd_ci([s["macro_recall"] for s in by_seed.values()], (0.0, 1.0))
-        paired = [by_seed[seed]["macro_auc"] - pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
-        difference = _mean_sd_ci(paired, (-1.0, 1.0)) if paired and kind != "pooled" else None
-        ratio = [by_seed[seed]["macro_auc"] / pooled[seed]["macro_auc"] for seed in by_seed if seed in pooled]
+        paired = [by_seed[seed]["macro_auc"] - reference[seed]["macro_auc"] for seed in by_seed if seed in reference]
+        difference = _mean_sd_ci(paired, (-1.0, 1.0)) if paired and name != config.reference else None
+        ratio = [by_seed[seed]["macro_auc"] / reference[seed]["macro_auc"] for seed in by_seed if seed in reference]
         rows.append({
-            "group": group, "arm": kind, "name": name, "seeds": len(by_seed),
+            "group": group, "arm": kind, "name": name, "reference": config.reference, "seeds": len(by_seed),
             "test-rois": int(np.mean([s["num-examples"] for s in by_seed.values()])),
             "macro auc mean": auc[0], "macro auc sd": auc[1],
             "macro auc ci-low": None if auc[2] is None else auc[2][0],
@@ -638,10 +646,10 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
                 f"{seed}: [{s['macro-auc-ci'][0]:.3f}, {s['macro-auc-ci'][1]:.3f}]"
                 for seed, s in sorted(by_seed.items()) if s.get("macro-auc-ci")
             ),
-            "auc / pooled": float(np.mean(ratio)) if ratio else None,
-            "auc - pooled": None if difference is None else difference[0],
-            "auc - pooled ci-low": None if difference is None or difference[2] is None else difference[2][0],
-            "auc - pooled ci-high": None if difference is None or difference[2] is None else difference[2][1],
+            "auc / reference": float(np.mean(ratio)) if ratio else None,
+            "auc - reference": None if difference is None else difference[0],
+            "auc - reference ci-low": None if difference is None or difference[2] is None else difference[2][0],
+            "auc - reference ci-high": None if difference is None or difference[2] is None else difference[2][1],
         })
     if not rows:
         return rows
@@ -655,15 +663,16 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
 
     lines = [f"# Experiment `{config.name}`: {len(per_seed)} seed(s) ({', '.join(map(str, per_seed))})", "",
              "Per arm over seeds: macro AUC mean ± sd and the t-based 95 % CI of the mean; each seed's own "
-             "bootstrap 95 % CI over its test ROIs beside it. 'AUC − pooled' is paired by seed (the same data and "
-             "test ROIs); a CI that contains 0 resolves no difference.", ""]
+             f"bootstrap 95 % CI over its test ROIs beside it. 'AUC − {config.reference}' is paired by seed (the same "
+             "data and test ROIs); a CI that contains 0 resolves no difference.", ""]
     for group in dict.fromkeys(row["group"] for row in rows):
         lines += [f"## `{group}`", "", "| arm | name | seeds | test ROIs | macro AUC | 95 % CI | per-seed bootstrap "
-                  "95 % CI | macro recall | AUC / pooled | AUC − pooled [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"95 % CI | macro recall | AUC / {config.reference} | AUC − {config.reference} [95 % CI] |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["group"] == group):
-            ratio = "–" if row["auc / pooled"] is None else f"{row['auc / pooled']:.3f}"
-            difference = "–" if row["auc - pooled"] is None else (
-                f"{row['auc - pooled']:+.3f} {interval(row['auc - pooled ci-low'], row['auc - pooled ci-high'])}")
+            ratio = "–" if row["auc / reference"] is None else f"{row['auc / reference']:.3f}"
+            difference = "–" if row["auc - reference"] is None else (
+                f"{row['auc - reference']:+.3f} {interval(row['auc - reference ci-low'], row['auc - reference ci-high'])}")
             lines.append(f"| {row['arm']} | {row['name']} | {row['seeds']} | {row['test-rois']} | "
                          f"{cell(row['macro auc mean'], row['macro auc sd'])} | "
                          f"{interval(row['macro auc ci-low'], row['macro auc ci-high'])} | {row['per-seed bootstrap ci']} | "

@@ -46,6 +46,8 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         load_config(_write(tmp_path / "e.toml", 'name = "x"\n[data]\nkind = "dicom"\n'))
     with pytest.raises(ValidationError, match="Extra inputs"):
         load_config(_write(tmp_path / "f.toml", base + "[training]\nepoch = 3\n"))
+    with pytest.raises(ValidationError, match="reference 'fedprox' is not an arm of this experiment; choose from fedavg, pooled"):
+        load_config(_write(tmp_path / "g.toml", 'reference = "fedprox"\n' + base + "[federated]\n"))
 
 
 def test_relative_data_paths_are_relative_to_the_config(tmp_path: Path) -> None:
@@ -181,8 +183,9 @@ scheme = "natural"
     assert float(rows["fedbn"]["macro auc mean"]) == pytest.approx(np.mean(fedbn))
     assert float(rows["fedbn"]["macro auc sd"]) == pytest.approx(np.std(fedbn, ddof=1))
     difference = [per_seed[s]["fedbn"] - per_seed[s]["pooled"] for s in (3, 4)]
-    assert float(rows["fedbn"]["auc - pooled"]) == pytest.approx(np.mean(difference))
-    assert float(rows["fedbn"]["auc - pooled ci-low"]) <= np.mean(difference) <= float(rows["fedbn"]["auc - pooled ci-high"])
+    assert float(rows["fedbn"]["auc - reference"]) == pytest.approx(np.mean(difference))
+    assert float(rows["fedbn"]["auc - reference ci-low"]) <= np.mean(difference) <= float(rows["fedbn"]["auc - reference ci-high"])
+    assert {row["reference"] for row in rows.values()} == {"pooled"} and rows["pooled"]["auc - reference"] == ""
     assert per_seed[3] != per_seed[4], "the seeds trained the same models"
     fedbn_run = json.loads((out / "seed-3" / "natural" / "federated-fedbn" / "run" / "config.json").read_text())
     assert fedbn_run["bn-mode"] == "fedbn" and fedbn_run["strategy"] == "fedavg"

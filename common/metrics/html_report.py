@@ -394,8 +394,8 @@ def experiment_report_html(files: ExperimentFiles) -> str:
     if files.seed_summary:
         body += ["<h2>Across seeds</h2>",
                  ('<p class="note">Per arm over seeds: macro AUC mean ± sd with the t-based 95 % CI of the mean, '
-                  "each seed's own bootstrap 95 % CI beside it; 'AUC − pooled' is paired by seed (a CI that contains "
-                  "0 resolves no difference). As summary.csv.</p>"),
+                  f"each seed's own bootstrap 95 % CI beside it; 'AUC − {_text(files.seed_summary[0]['reference'])}' is "
+                  "paired by seed (a CI that contains 0 resolves no difference). As summary.csv.</p>"),
                  _seed_summary_table(files.seed_summary)]
     for seed in files.seeds:
         prefix = seed.label or "arms"
@@ -415,20 +415,21 @@ def _seed_summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     table = []
     for row in rows:
         name = f"{row['group']}-{row['arm']}-{row['name']}"
-        difference = row.get("auc - pooled")
+        difference = row.get("auc - reference")
         table.append([
             _cell(row["group"]), _cell(row["arm"]), _cell(row["name"]), _cell(row["seeds"]), _cell(row["test-rois"]),
             _metric(row.get("macro auc mean"), f"summary-{name}-macro-auc-mean", row.get("macro auc sd")),
             _interval(None if row.get("macro auc ci-low") is None else (row["macro auc ci-low"], row["macro auc ci-high"])),
             _cell(row.get("per-seed bootstrap ci") or "–"),
             _metric(row.get("macro recall mean"), sd=row.get("macro recall sd")),
-            _metric(row.get("auc / pooled")),
+            _metric(row.get("auc / reference")),
             _cell("–" if difference is None else f"{difference:+.3f}"),
-            _interval(None if row.get("auc - pooled ci-low") is None
-                      else (row["auc - pooled ci-low"], row["auc - pooled ci-high"])),
+            _interval(None if row.get("auc - reference ci-low") is None
+                      else (row["auc - reference ci-low"], row["auc - reference ci-high"])),
         ])
+    reference = rows[0]["reference"] if rows else "pooled"
     return _table(["group", "arm", "name", "seeds", "test ROIs", "macro AUC mean ± sd", "95 % CI of the mean",
-                   "per-seed bootstrap 95 % CI", "macro recall mean ± sd", "AUC / pooled", "AUC − pooled",
+                   "per-seed bootstrap 95 % CI", "macro recall mean ± sd", f"AUC / {reference}", f"AUC − {reference}",
                    "95 % CI"], table)
 
 
