@@ -175,7 +175,7 @@ class LoopbackFederation:
     def start_node(self, name: str, kit: Path, *extra: str) -> subprocess.Popen[bytes]:
         self.runtime_ports[name] = free_port()
         # The hospitals share this machine's cores: each ClientApp's torch would otherwise start a
-        # thread per core, and oversubscribed OpenMP threads made training some 20x slower.
+        # thread per core, and oversubscribed OpenMP threads made training ~7x slower (70-100 s a site, 9-12 s after).
         threads = max(1, len(os.sched_getaffinity(0)) // len(self.hospitals))
         return self.processes.start(name, [str(kit / "start-supernode.sh"), *extra],
                                     PNEUMOFED_RUNTIME_PORT=str(self.runtime_ports[name]), OMP_NUM_THREADS=str(threads))
