@@ -7,7 +7,10 @@ process), and prints per round, from the run directory's `metrics.json`
 (`timing`): the round's wall time, the sites' train and evaluate compute as they report it, and
 the overhead: the rest of the round beyond the compute the CPUs allow, i.e. beyond
 max(slowest site, all sites' compute / parallel workers) in each phase (messaging,
-serialisation, process starts, validation, aggregation, pooling). In process the sites run one
+serialisation, process starts, validation, aggregation, pooling). Two parts of it are printed
+as well: the slowest delivery (from sending to a site's handler starting: transport, polling, a
+new ClientApp process and its imports) and the collection (from the last reply being made to the
+server holding every reply). In process the sites run one
 after another (one worker); Flower's simulation and the deployment run one per CPU. Targets (issue
 #12): overhead <= 0.5 s per round in simulation and <= 3 s deployed, with 3 sites.
 
@@ -58,11 +61,13 @@ def run_deployed(sites: list[Path], config: FederatedConfig, run_dir: Path) -> N
 
 def report(engine: str, wall: float, rounds: list[dict[str, float]], workers: int) -> None:
     print(f"\n{engine} ({workers} worker(s)): {wall:.1f} s in all")
-    print(f"{'round':>5} {'wall s':>7} {'train s slowest/all':>20} {'eval s slowest/all':>19} {'aggregate s':>12} {'overhead s':>11}")
+    print(f"{'round':>5} {'wall s':>7} {'train s slowest/all':>20} {'eval s slowest/all':>19} {'aggregate s':>12} "
+          f"{'overhead s':>11} {'delivery s train/eval':>22} {'collect s train/eval':>21}")
     for number, t in enumerate(rounds, start=1):
         print(f"{number:>5} {t['round-seconds']:>7.2f} {t['slowest-train-seconds']:>10.2f}/{t['sites-train-seconds']:<9.2f} "
               f"{t['slowest-eval-seconds']:>9.2f}/{t['sites-eval-seconds']:<9.2f} {t['aggregate-seconds']:>12.3f} "
-              f"{overhead(t, workers):>11.2f}")
+              f"{overhead(t, workers):>11.2f} {t['slowest-train-delivery-seconds']:>11.2f}/{t['slowest-eval-delivery-seconds']:<10.2f}"
+              f" {t['train-collect-seconds']:>10.2f}/{t['eval-collect-seconds']:<10.2f}")
     later = [overhead(t, workers) for t in rounds[1:]] or [overhead(rounds[0], workers)]
     print(f"overhead per round after the first: median {statistics.median(later):.2f} s (target <= {TARGETS[engine]} s)")
 

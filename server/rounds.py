@@ -77,6 +77,11 @@ class RoundTiming:
     slowest_eval_seconds: float
     sites_train_seconds: float  # summed over the sites: what sites sharing a CPU wait for
     sites_eval_seconds: float
+    # Each exchange's waits outside the sites' compute (`exchange_waits`; train: 0 under SecAgg+).
+    slowest_train_delivery_seconds: float
+    train_collect_seconds: float
+    slowest_eval_delivery_seconds: float
+    eval_collect_seconds: float
 
     def summary(self) -> dict[str, float]:
         overhead = self.round_seconds - self.slowest_train_seconds - self.slowest_eval_seconds
@@ -90,6 +95,20 @@ def _reported(replies: Iterable[Message], key: str) -> list[float]:
         for metrics in reply.content.metric_records.values()
         if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key]) and metrics[key] >= 0
     ]
+
+
+def exchange_waits(replies: Iterable[Message], sent_at: float, received_at: float, key: str) -> tuple[float, float]:
+    """An exchange's time outside the sites' compute, in seconds of `time.time()`: the longest wait
+    over sites from the server sending to the site's handler starting (transport, polling, a new
+    ClientApp process and its imports: the reply's creation time less the compute it reports under
+    `key`), and the wait from the last reply's creation to the server holding every reply. Sites stamp
+    their replies with their own clocks, so across machines this is as exact as their clock sync."""
+    timed = [(reply.metadata.created_at, seconds) for reply in replies if not reply.has_error()
+             for seconds in _reported([reply], key)]
+    if not timed:
+        return 0.0, 0.0
+    delivery = max(made - seconds - sent_at for made, seconds in timed)
+    return delivery, received_at - max(made for made, _ in timed)
 
 
 def initial_arrays(config: FederatedConfig) -> ArrayRecord:
@@ -378,10 +397,13 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
         from_held: list[int] = []
+        train_sent = time.time()
         if config.secure_aggregation:  # the replies hold only the sites' sum (server/secure_aggregation.py)
             train_replies = train_securely(grid, instructions, config, declarations)
+            train_waits = (0.0, 0.0)  # its replies are made at the server, after the protocol's rounds
         else:
             train_replies, from_held = send_training(grid, instructions, held, config)
+            train_waits = exchange_waits(train_replies, train_sent, time.time(), "train-seconds")
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
         aggregated = time.perf_counter()
@@ -396,7 +418,9 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         # under SecAgg+, whose protocol carries the model in its own legacy messages).
         holding = server_round < config.num_server_rounds and not config.secure_aggregation
         digest = _holding_evaluated_model(instructions) if holding else ""
+        eval_sent = time.time()
         evaluate_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
+        eval_waits = exchange_waits(evaluate_replies, eval_sent, time.time(), "eval-seconds")
         held = {reply.metadata.src_node_id: digest for reply in evaluate_replies if holding and not reply.has_error()}
         pooling = time.perf_counter()
         evaluation = pool_replies(evaluate_replies, config.classes)
@@ -408,6 +432,10 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
             slowest_eval_seconds=max(_reported(evaluate_replies, "eval-seconds"), default=0.0),
             sites_train_seconds=sum(_reported(train_replies, "train-seconds")),
             sites_eval_seconds=sum(_reported(evaluate_replies, "eval-seconds")),
+            slowest_train_delivery_seconds=train_waits[0],
+            train_collect_seconds=train_waits[1],
+            slowest_eval_delivery_seconds=eval_waits[0],
+            eval_collect_seconds=eval_waits[1],
         )
         run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy), timing)
     run.write_plots(evaluation)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from sklearn.metrics import roc_auc_score
 
 from pneumofed.client.app import train_locally
@@ -27,6 +28,7 @@ from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import (
     aggregate_train_round,
     collect_declarations,
+    exchange_waits,
     initial_arrays,
     pool_replies,
     run_federation,
@@ -279,6 +281,26 @@ def test_each_round_records_where_its_time_went(synthetic_sites, tmp_path, flowe
         assert timing["overhead-seconds"] == pytest.approx(
             timing["round-seconds"] - timing["slowest-train-seconds"] - timing["slowest-eval-seconds"])
         assert 0 < timing["aggregate-seconds"] < timing["round-seconds"] and timing["record-seconds"] > 0
+        # One after another: a site's handler starts once the sites before it are done.
+        for phase in ("train", "eval"):
+            assert 0 <= timing[f"slowest-{phase}-delivery-seconds"] <= timing[f"sites-{phase}-seconds"]
+            assert 0 <= timing[f"{phase}-collect-seconds"] < timing["round-seconds"]
+
+
+def test_an_exchanges_waits_are_the_slowest_delivery_beyond_compute_and_the_collection_after_the_last_reply(
+        flower_identity):
+    instructions = [Message(RecordDict({"config": ConfigRecord({})}), node, MessageType.TRAIN) for node in (1, 2)]
+    replies = []
+    # Sent at t=100; site 1 computed 3 s and replied at 105 (2 s to reach it); site 2 computed 1 s and
+    # replied at 107 (6 s to reach it, e.g. a new ClientApp process); the server had both at 108.
+    for instruction, made, compute in zip(instructions, (105.0, 107.0), (3.0, 1.0), strict=True):
+        reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "train-seconds": compute})}),
+                        reply_to=instruction)
+        reply.metadata.created_at = made
+        replies.append(reply)
+    replies.append(Message(Error(ErrorCode.UNKNOWN, "failed"), reply_to=instructions[0]))
+    assert exchange_waits(replies, 100.0, 108.0, "train-seconds") == pytest.approx((6.0, 1.0))
+    assert exchange_waits(replies[-1:], 100.0, 108.0, "train-seconds") == (0.0, 0.0)
 
 
 def _assert_no_reported_score_singles_out_a_roi(metrics) -> None:
