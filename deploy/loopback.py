@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import httpx
 
@@ -122,7 +123,7 @@ class LoopbackFederation:
         }
         self.processes = Processes(root, env)
 
-    def __enter__(self) -> LoopbackFederation:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -157,14 +158,14 @@ class LoopbackFederation:
         wait_until(lambda: responds(f"https://127.0.0.1:{self.control_port}/health", self.ca, 200), 90, "the SuperLink", alive)
         wait_until(lambda: responds(f"https://localhost:{self.fleet_port}/health", self.ca, 403), 30, "the proxy", alive)
         registration = subprocess.run([str(self.coordinator / "register-hospitals.sh")], env=self.processes.env,
-                                      text=True, capture_output=True, timeout=180)
+                                      text=True, capture_output=True, timeout=180, check=False)
         if registration.returncode != 0:
             raise RuntimeError(f"register-hospitals.sh failed:\n{registration.stdout}{registration.stderr}")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """The coordinator kit's `flwr` (its certificates and SuperLink address)."""
         return subprocess.run([str(self.coordinator / "flwr.sh"), *args], env=self.processes.env, text=True,
-                              capture_output=True, timeout=timeout, cwd=self.root)
+                              capture_output=True, timeout=timeout, cwd=self.root, check=False)
 
     def nodes(self) -> list[dict]:
         result = self.flwr("supernode", "ls", self.name, "--format", "json")

@@ -53,7 +53,8 @@ def load_private_key(data: bytes) -> PrivateKey:
     loader = serialization.load_ssh_private_key if data.startswith(b"-----BEGIN OPENSSH") else serialization.load_pem_private_key
     key = loader(data, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"expected an EC private key, got {type(key).__name__}")
+        # A key file of another kind is a bad value, not a bad argument type; the provision CLI reports ValueError.
+        raise ValueError(f"expected an EC private key, got {type(key).__name__}")  # noqa: TRY004
     return key
 
 
@@ -63,7 +64,7 @@ def certificate_pem(certificate: x509.Certificate) -> bytes:
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     # Back-dated a little so that a slightly slow clock at a hospital still accepts a fresh certificate.
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     return start, start + dt.timedelta(days=days)
 
 

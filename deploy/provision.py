@@ -258,7 +258,7 @@ def _current_server_certificate(
             and certificate.issuer == ca_certificate.subject
             and _signed_by(certificate, ca_certificate)
             and pki.certificate_names(certificate) == wanted_names
-            and certificate.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > RENEW_BEFORE
+            and certificate.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
         ):
             return certificate
     return pki.issue_server_certificate(ca_key, ca_certificate, key, spec.superlink.hosts,

@@ -28,7 +28,7 @@ import shlex
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import tomli_w
 import torch
@@ -93,7 +93,7 @@ class RunDirectory:
             run._start_tracking(settings)
         return run
 
-    def __enter__(self) -> RunDirectory:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:

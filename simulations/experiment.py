@@ -28,7 +28,7 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import psutil
@@ -224,7 +224,7 @@ class ProcessTreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
-    def __enter__(self) -> ProcessTreeMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -363,7 +363,7 @@ class ExperimentTracking:
         if not nested.failed:
             write_json(record, logged | {"run-id": nested.run_id})
 
-    def __enter__(self) -> ExperimentTracking:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
@@ -575,18 +575,20 @@ def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTrack
         group = out / name
         if config.pooled:
             results.append(_run_arm(group / "pooled", {"arm": "pooled", **base},
-                                    lambda: pooled_arm(config, sites, test_set, class_names, group / "pooled"), tracking))
+                                    lambda ss=sites, t=test_set, c=class_names, d=group / "pooled": pooled_arm(
+                                        config, ss, t, c, d), tracking))
         if config.federated is not None:
             for arm_name in config.federated.arms():
                 arm_dir = group / f"federated-{arm_name}"
                 settings = {"arm": "federated", "strategy": arm_name, "federated": config.federated.model_dump(), **base}
-                results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir: federated_arm(
-                    config, s, site_paths, sites, class_names, d), tracking))
+                results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir, p=site_paths, ss=sites,
+                                        c=class_names: federated_arm(config, s, p, ss, c, d), tracking))
         if config.local:
             for site, path in zip(sites, site_paths, strict=True):
                 arm_dir = group / f"local-{path.name}"
                 results.append(_run_arm(arm_dir, {"arm": "local", "site": path.name, **base},
-                                        lambda s=site, d=arm_dir: local_arm(config, s, test_set, class_names, d), tracking))
+                                        lambda s=site, d=arm_dir, t=test_set, c=class_names: local_arm(
+                                            config, s, t, c, d), tracking))
         _plot_group(group / "curves.png", [r for r in results if r.group == name], name)
     write_tables(out, config, results, site_tables)
     return results
@@ -662,12 +664,13 @@ def summarise_seeds(config: ExperimentConfig, out: Path) -> list[dict[str, Any]]
         return "–" if low is None else f"[{low:.3f}, {high:.3f}]"
 
     lines = [f"# Experiment `{config.name}`: {len(per_seed)} seed(s) ({', '.join(map(str, per_seed))})", "",
-             "Per arm over seeds: macro AUC mean ± sd and the t-based 95 % CI of the mean; each seed's own "
-             f"bootstrap 95 % CI over its test ROIs beside it. 'AUC − {config.reference}' is paired by seed (the same "
-             "data and test ROIs); a CI that contains 0 resolves no difference.", ""]
+             ("Per arm over seeds: macro AUC mean ± sd and the t-based 95 % CI of the mean; each seed's own "
+              f"bootstrap 95 % CI over its test ROIs beside it. 'AUC − {config.reference}' is paired by seed "
+              "(the same data and test ROIs); a CI that contains 0 resolves no difference."), ""]
     for group in dict.fromkeys(row["group"] for row in rows):
-        lines += [f"## `{group}`", "", "| arm | name | seeds | test ROIs | macro AUC | 95 % CI | per-seed bootstrap "
-                  f"95 % CI | macro recall | AUC / {config.reference} | AUC − {config.reference} [95 % CI] |",
+        lines += [f"## `{group}`", "",
+                  ("| arm | name | seeds | test ROIs | macro AUC | 95 % CI | per-seed bootstrap 95 % CI | "
+                   f"macro recall | AUC / {config.reference} | AUC − {config.reference} [95 % CI] |"),
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["group"] == group):
             ratio = "–" if row["auc / reference"] is None else f"{row['auc / reference']:.3f}"

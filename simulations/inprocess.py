@@ -83,7 +83,7 @@ class InProcessGrid:
         except ModRefusal as refusal:  # a SuperNode sends a mod's error reply as it is
             log.info("node %s: a ClientApp mod refused: %s", message.metadata.dst_node_id, refusal.error.reason)
             return Message(refusal.error, reply_to=message)
-        except Exception as error:  # noqa: BLE001  (Flower's run_clientapp catches every exception too)
+        except Exception as error:  # Flower's run_clientapp catches every exception too
             refused = isinstance(error, PermissionError)  # the site's own policy, not a fault: no traceback
             log.log(logging.INFO if refused else logging.ERROR, "node %s: the ClientApp raised %r",
                     message.metadata.dst_node_id, error, exc_info=None if refused else error)

@@ -24,7 +24,7 @@ from pneumofed.common.learning.modelfile import load_model_file
 from pneumofed.common.learning.training import TrainConfig
 from pneumofed.common.metrics.report import classification_report
 
-TINY = dict(model="shufflenet_v2_eca", width=0.5, bootstrap=100)
+TINY = {"model": "shufflenet_v2_eca", "width": 0.5, "bootstrap": 100}
 
 
 def pooled_probs(model_path: Path, data: PooledRois, patients: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +65,7 @@ def test_saved_model_is_the_best_validation_epoch_and_reproduces_the_test_metric
     aucs = [row["val auc"] for row in fold.history]
     assert aucs[fold.best_epoch - 1] == max(aucs)
 
-    model, card = load_model_file(holdout.model_path)
+    _model, card = load_model_file(holdout.model_path)
     assert (card.roi_size, card.width, card.provenance["epoch"]) == (32, 0.5, fold.best_epoch)
     labels, probs = pooled_probs(holdout.model_path, pool_stores(synthetic_sites[:2]), fold.test_patients)
     report = classification_report(labels, probs, card.class_names)

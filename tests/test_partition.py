@@ -82,7 +82,7 @@ def test_dirichlet_label_skew_grows_as_alpha_falls() -> None:
 
 
 def test_quantity_skew_varies_site_sizes_but_not_label_mix() -> None:
-    labels, groups = _population(600)
+    _labels, groups = _population(600)
     parts = quantity_partition(groups, 5, alpha=0.3, seed=0)
     sizes = [len(set(groups[p])) for p in parts]
     assert max(sizes) > 3 * min(sizes)

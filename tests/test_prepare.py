@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import pneumofed.common.data.prepare as prepare
 from pneumofed.common.cli import main as cli_main
+from pneumofed.common.data import prepare
 from pneumofed.common.data.prepare import (
     PrepareInputError,
     load_site_secret,

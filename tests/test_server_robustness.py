@@ -93,7 +93,7 @@ def test_an_inflated_num_examples_cannot_buy_a_site_weight(synthetic_sites, tmp_
     honest = [r.content for r in grid.replies if r.metadata.message_type.endswith("train") and r.metadata.src_node_id != 100]
     weights = np.array([c["metrics"]["num-examples"] for c in honest], dtype=float)
     state = torch.load(run.path / "models" / "round-001.pt", weights_only=True)["state"]
-    name = next(n for n in honest[0]["arrays"].keys() if n.endswith("weight"))
+    name = next(n for n in honest[0]["arrays"] if n.endswith("weight"))
     expected = sum(w * c["arrays"][name].numpy() for w, c in zip(weights, honest)) / weights.sum()
     np.testing.assert_allclose(state[name].numpy(), expected, rtol=1e-5, atol=1e-6)
 

@@ -65,8 +65,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.model.with_name(args.model.name + ".eval")
-    options = dict(out_dir=out, device=args.device, batch_size=args.batch_size, n_boot=args.bootstrap,
-                   calibrate_bn=args.calibrate_bn)
+    options = {"out_dir": out, "device": args.device, "batch_size": args.batch_size, "n_boot": args.bootstrap,
+               "calibrate_bn": args.calibrate_bn}
     try:
         if args.store is not None:
             if args.annotations is not None:

@@ -606,7 +606,7 @@ def _match(
     for annotation in annotations:
         row, line = annotation.row, annotation.line
 
-        def reject(reason: str, detail: str, file: str = row.file) -> None:
+        def reject(reason: str, detail: str, file: str = row.file, line: int = line) -> None:
             rejects.append(Reject(reason=reason, file=file, row=line, detail=detail))
 
         candidates = (csv_dir / row.file, dicom_dir / row.file)

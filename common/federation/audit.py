@@ -45,7 +45,7 @@ def array_digest(arrays: Arrays) -> str:
 
 
 def array_bytes(arrays: Arrays) -> int:
-    return int(sum(_as_numpy(arrays[name]).nbytes for name in arrays.keys()))
+    return int(sum(_as_numpy(arrays[name]).nbytes for name in arrays))
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -118,7 +118,7 @@ def _append(path: Path, records: Callable[[list[dict[str, Any]]], list[dict[str,
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        time = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         lines = [json.dumps({"time": time, **entry}, allow_nan=False) + "\n" for entry in records(read_audit(path))]
         os.write(fd, "".join(lines).encode())
     finally:

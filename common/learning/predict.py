@@ -47,7 +47,7 @@ def predict(
     if box is None:
         try:
             rows, columns = stored_shape(dicom_path)
-        except Exception as error:  # noqa: BLE001 - pydicom raises many types for foreign files
+        except Exception as error:  # pydicom raises many types for foreign files
             raise PredictionError(f"{dicom_path} is not a readable DICOM file: {error}") from error
         box = (0, 0, columns, rows)
     x, y, width, height = box

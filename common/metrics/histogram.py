@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def anonymous_groups(counts: np.ndarray, min_count: int) -> tuple[np.ndarray, li
             filled = 0
     remainder = groups.pop()
     groups[-1] += remainder  # short of min_count (or empty): it joins the group before it
-    edges = [(previous[-1] + 1 + following[0]) // 2 for previous, following in zip(groups, groups[1:])] + [bins]
+    edges = [(previous[-1] + 1 + following[0]) // 2 for previous, following in pairwise(groups)] + [bins]
     return np.array(edges, np.int64), [np.array(g, np.int64) for g in groups]
 
 
