@@ -34,7 +34,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from torch import nn
 
-from pneumofed.common.data.site import SiteData, load_site
+from pneumofed.common.data.site import SiteData, load_site, load_site_with_split, split_key
 from pneumofed.common.data.store import StoreRequirements
 from pneumofed.common.federation.audit import append_reply_audit
 from pneumofed.common.federation.config import FederatedConfig
@@ -115,6 +115,7 @@ app = ClientApp(mods=MODS)
 LOCAL_BATCHNORM = "local-batchnorm"
 OPTIMIZER_MOMENTS = "optimizer-moments"
 PRIVACY_ACCOUNTANT = "privacy-accountant"
+SITE_SPLIT = "site-split"  # the site's patient split: a new ClientApp process need not split again
 
 
 def site_name(node_config: Mapping[str, Any], config: FederatedConfig) -> str:
@@ -134,10 +135,20 @@ def _site_path(node_config: Mapping[str, Any], config: FederatedConfig) -> Path:
     raise ValueError("this node has no data: set node config `data-path` to its ROI store (absolute path)")
 
 
-def _site_data(node_config: Mapping[str, Any], config: FederatedConfig) -> SiteData:
-    """This node's ROI store, split by patient, checked against the run's ROI size and classes."""
+def _site_data(node_config: Mapping[str, Any], config: FederatedConfig, state: RecordDict | None = None) -> SiteData:
+    """This node's ROI store, split by patient, checked against the run's ROI size and classes. With
+    the node's `state`, the split is kept there and reused while the store and seed are unchanged."""
     required = StoreRequirements(roi_size=config.roi_size, class_names=tuple(config.classes), required_by="the run")
-    return load_site(_site_path(node_config, config), config.seed, required)
+    path = _site_path(node_config, config)
+    if state is None:
+        return load_site(path, config.seed, required)
+    key = split_key(path, config.seed)
+    kept = state.config_records.get(SITE_SPLIT)
+    if kept is not None and kept["key"] == key:
+        return load_site_with_split(path, (kept["train"], kept["val"], kept["test"]), required)
+    site = load_site(path, config.seed, required)
+    state[SITE_SPLIT] = ConfigRecord({"key": key} | {part: site.part(part).indices.tolist() for part in ("train", "val", "test")})
+    return site
 
 
 def _site_seed(run_seed: int, server_round: int, name: str) -> int:
@@ -151,28 +162,28 @@ def _global_model_at_site(
     """The run's settings, this site's data, the received global model with the site's own
     BatchNorm part (kept from its last round, under `fedbn` and `silobn`) ready to use, and the
     received global arrays decoded to fp32 (what an int8 reply's update is taken from)."""
-    config, site, model, received = _received_at_site(arrays, run_config, node_config)
+    config, site, model, received = _received_at_site(arrays, run_config, node_config, state)
     local = state.array_records.get(LOCAL_BATCHNORM)
     load_exchanged_state(model, received.to_torch_state_dict(), config.bn_mode, local and local.to_torch_state_dict())
     return config, site, model, received
 
 
 def _whole_model_at_site(
-    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict
 ) -> tuple[FederatedConfig, SiteData, nn.Module]:
     """The run's settings, this site's data and the received whole model, BatchNorm included, as it
     is: a local-only model is scored as its site trained it, never with this site's BatchNorm."""
-    config, site, model, received = _received_at_site(arrays, run_config, node_config)
+    config, site, model, received = _received_at_site(arrays, run_config, node_config, state)
     load_floating_state(model, received.to_torch_state_dict())
     return config, site, model
 
 
 def _received_at_site(
-    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+    arrays: ArrayRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict
 ) -> tuple[FederatedConfig, SiteData, nn.Module, ArrayRecord]:
     """The run's settings, this site's data, a fresh model of the run and the received arrays in fp32."""
     config = FederatedConfig.from_run_config(run_config)
-    site = _site_data(node_config, config)
+    site = _site_data(node_config, config, state)
     received = decode_arrays(arrays, config.update_encoding, statistics=config.batchnorm_statistics())
     return config, site, config.build_model(), received
 
@@ -307,7 +318,7 @@ def evaluate_locally(
     policy = EvaluationPolicy.from_node_config(node_config)
     policy.check(split, rois=None)
     if instruction.get("whole-model", False):
-        config, site, model = _whole_model_at_site(arrays, run_config, node_config)
+        config, site, model = _whole_model_at_site(arrays, run_config, node_config, state)
     else:
         config, site, model, _ = _global_model_at_site(arrays, run_config, node_config, state)
     data = site.part(split)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from test_federated import federate, run_config
 from torch import nn
 
-from pneumofed.client.app import LOCAL_BATCHNORM, OPTIMIZER_MOMENTS, count_classes, evaluate_locally, train_locally
+from pneumofed.client.app import (
+    LOCAL_BATCHNORM,
+    OPTIMIZER_MOMENTS,
+    SITE_SPLIT,
+    count_classes,
+    evaluate_locally,
+    train_locally,
+)
+from pneumofed.common.data import site as site_module
 from pneumofed.common.data.site import load_site
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.learning import training
@@ -98,10 +110,10 @@ def test_local_optimiser_moments_survive_a_new_clientapp_process(synthetic_sites
     restarted = train_locally(first["arrays"], ConfigRecord({"server-round": 2}), config_dict, node, RecordDict())
     fresh_again = train_locally(first["arrays"], ConfigRecord({"server-round": 2}), config_dict, node, RecordDict())
     different = any(
-        not np.array_equal(continued["arrays"][k].numpy(), restarted["arrays"][k].numpy()) for k in continued["arrays"].keys()
+        not np.array_equal(continued["arrays"][k].numpy(), restarted["arrays"][k].numpy()) for k in continued["arrays"]
     )
     assert different, "the second round ignored the site's saved Adam moments"
-    for key in restarted["arrays"].keys():  # and without them a round is reproducible
+    for key in restarted["arrays"]:  # and without them a round is reproducible
         np.testing.assert_array_equal(restarted["arrays"][key].numpy(), fresh_again["arrays"][key].numpy())
 
 
@@ -144,3 +156,61 @@ def test_an_update_with_a_negative_variance_is_rejected(synthetic_sites, tmp_pat
     [record] = json.loads((run.path / "metrics.json").read_text())
     [rejection] = record["rejected-updates"]
     assert rejection["node"] == 100 and "variance is not positive" in rejection["reason"]
+
+
+def _evaluate_in_a_new_process(state: RecordDict, arrays: ArrayRecord, config_dict: dict, node: dict, tmp_path) -> dict:
+    """Run `evaluate_locally` in a fresh Python process with `state` as it crossed the process boundary;
+    returns the reply's metrics and the heavy modules that process imported."""
+    (tmp_path / "state.pb").write_bytes(recorddict_to_proto(RecordDict({"state": state.config_records[SITE_SPLIT],
+                                                                       "arrays": arrays})).SerializeToString())
+    script = f"""
+import json, sys
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+from pneumofed.client.app import SITE_SPLIT, evaluate_locally
+proto = RecordDictProto()
+proto.ParseFromString(open({str(tmp_path / "state.pb")!r}, "rb").read())
+kept = recorddict_from_proto(proto)
+reply = evaluate_locally(kept["arrays"], ConfigRecord({{"split": "val"}}), {config_dict!r}, {node!r},
+                         RecordDict({{SITE_SPLIT: kept["state"]}}))
+print(json.dumps({{"num-examples": reply["metrics"]["num-examples"],
+                  "imported": sorted({{m.split(".")[0] for m in sys.modules}} & {{"sklearn", "kornia", "scipy"}})}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_site_splits_its_store_once_and_a_new_clientapp_process_reuses_the_split(synthetic_sites, tmp_path, monkeypatch):
+    config_dict = run_config(tmp_path)
+    config = FederatedConfig.from_run_config(config_dict)
+    node = {"data-path": str(synthetic_sites[0])}
+    state = RecordDict()
+    train_locally(initial_arrays(config), ConfigRecord({"server-round": 1}), config_dict, node, state)
+    split = load_site(synthetic_sites[0], config.seed)
+    kept = state[SITE_SPLIT]
+    for part in ("train", "val", "test"):
+        assert list(kept[part]) == split.part(part).indices.tolist()
+
+    # The kept split is used as it is: splitting again would fail here.
+    def no_splitting(*args, **kwargs):
+        raise AssertionError("the site split its store again")
+
+    monkeypatch.setattr(site_module, "train_val_test_split", no_splitting)
+    site_module._load_site_cached.cache_clear()
+    reply = evaluate_locally(initial_arrays(config), ConfigRecord({"split": "val"}), config_dict, node, _fresh_process(state))
+    assert reply["metrics"]["num-examples"] == len(split.val)
+
+    # A new process that holds its split needs neither scikit-learn nor kornia (seconds of CPU each).
+    evaluated = _evaluate_in_a_new_process(state, initial_arrays(config), config_dict, node, tmp_path)
+    assert evaluated == {"num-examples": len(split.val), "imported": []}
+
+    # A re-prepared store (a new index) is split anew.
+    index = synthetic_sites[0] / "index.json"
+    stat = index.stat()
+    os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        with pytest.raises(AssertionError, match="split its store again"):
+            evaluate_locally(initial_arrays(config), ConfigRecord({"split": "val"}), config_dict, node, state)
+    finally:
+        os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 # train_val_test_split cuts the patients into this many folds (fewer for small sets), so fractions
 # that are multiples of 1/20 are honoured exactly in fold counts.
@@ -31,6 +30,9 @@ def _validated(labels: Sequence | np.ndarray, groups: Sequence | np.ndarray) -> 
 
 def _test_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """Test indices of k patient-disjoint folds, class-stratified when the data allow it."""
+    # Imported here: every new ClientApp process imports this module, and most never split.
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     n_patients = len(np.unique(groups))
     if n_patients < k:
         raise ValueError(f"{n_patients} patients cannot fill {k} folds; need at least {k} patients")

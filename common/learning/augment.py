@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 import torch
-from kornia.filters import gaussian_blur2d
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -247,6 +246,10 @@ class GaussianBlur(PerSampleTransform):
         return {"sigma": _uniform(count, *self.sigma, device=device)}
 
     def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        # Imported here: a ClientApp process that only evaluates never blurs, and kornia's import is
+        # most of a second of CPU in every new process.
+        from kornia.filters import gaussian_blur2d
+
         sigma = params["sigma"].to(images.dtype)
         return gaussian_blur2d(images, self.kernel_size, torch.stack([sigma, sigma], dim=1), border_type="reflect")
 

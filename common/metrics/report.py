@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydantic import BaseModel
-from sklearn.metrics import auc as area_under_curve
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_curve
 
 CLASS_NAMES_DEFAULT = ("nodule", "interstitial", "emphysema")
 
@@ -77,8 +75,13 @@ def check_class_names(class_names: Sequence[str], num_classes: int) -> list[str]
 def confusion_counts(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """(K, K) int64 counts, rows = true class, columns = argmax prediction."""
     y, probs = validate_scores(y_true, probs)
-    k = probs.shape[1]
-    return confusion_matrix(y, probs.argmax(axis=1), labels=range(k)).astype(np.int64)
+    return _confusion(y, probs.argmax(axis=1), probs.shape[1])
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    # numpy rather than scikit-learn: a site's evaluation needs only this, and each of its messages
+    # may run in a new process that would otherwise import scikit-learn (seconds of CPU) for it.
+    return np.bincount(np.asarray(y_true, dtype=np.int64) * k + y_pred, minlength=k * k).reshape(k, k)
 
 
 def report_from_confusion(
@@ -89,6 +92,8 @@ def report_from_confusion(
     weights: np.ndarray | None,
     rocs: list[tuple[np.ndarray, np.ndarray, float] | None],
 ) -> ClassificationReport:
+    from sklearn.metrics import precision_recall_fscore_support  # see _confusion
+
     labels = range(len(names))
     precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, sample_weight=weights, zero_division=0
@@ -122,6 +127,9 @@ def report_from_confusion(
 
 def one_vs_rest_roc(is_positive: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None):
     """(fpr, tpr, auc) or None when the class has no positives or no negatives."""
+    from sklearn.metrics import auc as area_under_curve
+    from sklearn.metrics import roc_curve
+
     if is_positive.all() or not is_positive.any():
         return None
     fpr, tpr, _ = roc_curve(is_positive, scores, sample_weight=weights)
@@ -135,7 +143,7 @@ def classification_report(
     y, probs = validate_scores(y_true, probs)
     names = check_class_names(class_names, probs.shape[1])
     y_pred = probs.argmax(axis=1)
-    confusion = confusion_matrix(y, y_pred, labels=range(len(names)))
+    confusion = _confusion(y, y_pred, len(names))
     rocs = [one_vs_rest_roc(y == k, probs[:, k]) for k in range(len(names))]
     return report_from_confusion(names, confusion, y, y_pred, None, rocs)
 
