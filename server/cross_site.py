@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
+from pneumofed.common.federation.audit import array_digest
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import encode_arrays
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
@@ -74,6 +75,11 @@ def cross_site_validation(grid: Grid, config: FederatedConfig, run: RunDirectory
     rows = [names.get(node, f"node-{node}") for node in nodes]
     models = [_column(candidate, replies, nodes, rows, config.classes) for candidate, replies in columns]
     not_scored = [{"site": names.get(node, f"node-{node}"), "reason": reason} for node, reason in local.not_shared.items()]
+    # Which models were sent to every site, as a hospital's own audit log can match them.
+    run.audit("cross-site-validation", participants=nodes, details={
+        "models": [{"kind": c.kind, "site": c.site, "sha256": array_digest(c.arrays)} for c in candidates],
+        "local-models-not-scored": not_scored,
+    })
     run.write_cross_site({"split": "test", "best-round": run.best_round, "sites": rows, "models": models,
                           "local-models-not-scored": not_scored})
 

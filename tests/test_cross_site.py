@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumofed.client.app import answer_query
 from pneumofed.common.data.site import load_site
+from pneumofed.common.federation.audit import array_digest, read_audit
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.site_policy import LocalModelPolicy
 from pneumofed.common.learning import training
@@ -102,6 +103,17 @@ def test_every_site_scores_the_global_model_and_each_shared_local_model(syntheti
             assert abs(cell["macro_auc"] - exact) <= cell["macro_auc_bound"] + 1e-12
     final = json.loads((run.path / "final.json").read_text())
     assert column(matrix, "global")["pooled"]["macro_auc"] == final["macro_auc"]  # the same model on the same parts
+    # The audit names every model sent: the global one is the best round's global model.
+    audit = read_audit(run.path / "audit.jsonl")
+    [best_round] = [entry for entry in audit if entry["event"] == "round" and entry["round"] == final["best-round"]]
+    assert [entry["event"] for entry in audit][-2:] == ["run-finished", "cross-site-validation"]
+    audited = audit[-1]
+    assert len(audited["participants"]) == len(names)
+    assert [(m["kind"], m["site"]) for m in audited["details"]["models"]] == [("global", None), ("local", names[0]),
+                                                                              ("local", names[1])]
+    assert audited["details"]["models"][0]["sha256"] == best_round["global_model_sha256"]
+    shared_state = floating_state(load_model_file(local_models[0])[0])
+    assert audited["details"]["models"][1]["sha256"] == array_digest({k: v.numpy() for k, v in shared_state.items()})
     assert column(matrix, "local", names[0])["pooled"]["num-examples"] == final["num-examples"]
 
     cells = _metric_cells(run_report_html(RunFiles.read(run.path), ""))
