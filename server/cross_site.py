@@ -63,6 +63,12 @@ def cross_site_validation(grid: Grid, config: FederatedConfig, run: RunDirectory
     local = collect_local_models(grid, nodes, config)
     candidates = [CandidateModel("global", None, best), *local.accepted]
     log.info("cross-site validation: %d model(s) on %d site(s)", len(candidates), len(nodes))
+    # Before any is sent: which models go to every site, as they travel (encoded).
+    run.audit("cross-site-validation", participants=nodes, details={
+        "models": [{"kind": c.kind, "site": c.site, "sha256": array_digest(_encoded(c, config))} for c in candidates],
+        "local-models-not-scored": [{"site": dict(local.names).get(node, f"node-{node}"), "reason": reason}
+                                    for node, reason in local.not_shared.items()],
+    })
     columns = []
     names = dict(local.names)
     for candidate in candidates:
@@ -75,11 +81,6 @@ def cross_site_validation(grid: Grid, config: FederatedConfig, run: RunDirectory
     rows = [names.get(node, f"node-{node}") for node in nodes]
     models = [_column(candidate, replies, nodes, rows, config.classes) for candidate, replies in columns]
     not_scored = [{"site": names.get(node, f"node-{node}"), "reason": reason} for node, reason in local.not_shared.items()]
-    # Which models were sent to every site, as a hospital's own audit log can match them.
-    run.audit("cross-site-validation", participants=nodes, details={
-        "models": [{"kind": c.kind, "site": c.site, "sha256": array_digest(c.arrays)} for c in candidates],
-        "local-models-not-scored": not_scored,
-    })
     run.write_cross_site({"split": "test", "best-round": run.best_round, "sites": rows, "models": models,
                           "local-models-not-scored": not_scored})
 
@@ -142,11 +143,15 @@ def _evaluate_everywhere(grid: Grid, nodes: Sequence[int], candidate: CandidateM
     """Every node's reply to an EVALUATE of `candidate` on its test part, by node."""
     instruction = ConfigRecord({"split": "test", "server-round": config.num_server_rounds,
                                 "whole-model": candidate.kind == "local"})
-    arrays = encode_arrays(candidate.arrays, config.update_encoding, statistics=config.batchnorm_statistics())
+    arrays = _encoded(candidate, config)
     messages = [Message(RecordDict({"arrays": arrays, "config": instruction}), node, MessageType.EVALUATE)
                 for node in nodes]
     return {reply.metadata.src_node_id: reply
             for reply in grid.send_and_receive(messages, timeout=config.round_timeout)}
+
+
+def _encoded(candidate: CandidateModel, config: FederatedConfig) -> ArrayRecord:
+    return encode_arrays(candidate.arrays, config.update_encoding, statistics=config.batchnorm_statistics())
 
 
 def _column(candidate: CandidateModel, replies: Mapping[int, Message], nodes: Sequence[int], rows: Sequence[str],

@@ -14,8 +14,8 @@ Layout (all under the run directory):
   report.html               all of the above on one self-contained page, with the privacy settings,
                             rejected replies and the command that runs the settings again
   state/checkpoint.pt       what `--resume` needs: last round, global arrays, optimiser state
-  audit.jsonl               the run audit: starts, each round's participants and global model digest, the
-                            models sent for cross-site validation, end
+  audit.jsonl               the run audit: starts, each round's participants and global model digest,
+                            the end, then (cross-site validation) the digests of the models sent
   mlflow.json               with tracking on (run config `mlflow`): the MLflow store and run this run
                             logs to, so that a resumed run continues that run
 """

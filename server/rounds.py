@@ -100,9 +100,11 @@ def _reported(replies: Iterable[Message], key: str) -> list[float]:
 def exchange_waits(replies: Iterable[Message], sent_at: float, received_at: float, key: str) -> tuple[float, float]:
     """An exchange's time outside the sites' compute, in seconds of `time.time()`: the longest wait
     over sites from the server sending to the site's handler starting (transport, polling, a new
-    ClientApp process and its imports: the reply's creation time less the compute it reports under
-    `key`), and the wait from the last reply's creation to the server holding every reply. Sites stamp
-    their replies with their own clocks, so across machines this is as exact as their clock sync."""
+    ClientApp process and its imports, and waiting for a worker that other sites occupy: the reply's
+    creation time less the compute it reports under `key`), and the wait from the last reply's
+    creation to the server holding every reply. A site sent its instruction again (`send_training`)
+    counts from the first sending. Sites stamp their replies with their own clocks, so across
+    machines this is as exact as their clock synchronisation."""
     timed = [(reply.metadata.created_at, seconds) for reply in replies if not reply.has_error()
              for seconds in _reported([reply], key)]
     if not timed:

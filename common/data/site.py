@@ -39,13 +39,13 @@ class SiteData:
 
 def load_site(data_path: str | Path, seed: int, required: StoreRequirements | None = None) -> SiteData:
     path = Path(data_path)
-    return _load_site_cached(path, _index_mtime_ns(path), seed, required)
+    return _load_site_cached(path, _index_version(path), seed, required)
 
 
 def split_key(data_path: str | Path, seed: int) -> str:
     """What a site's split depends on: the store (path and index version) and the seed."""
     path = Path(data_path)
-    return f"{path}|{_index_mtime_ns(path)}|{seed}"
+    return f"{path}|{_index_version(path)}|{seed}"
 
 
 def load_site_with_split(
@@ -55,31 +55,41 @@ def load_site_with_split(
     same `split_key` (a ClientApp keeps them in its context state: a new process then skips the
     splitter, seconds for a site of a thousand ROIs, and the import of scikit-learn)."""
     path = Path(data_path)
-    return _load_split_site_cached(path, _index_mtime_ns(path), tuple(tuple(part) for part in parts), required)
+    return _load_split_site_cached(path, _index_version(path), tuple(tuple(part) for part in parts), required)
 
 
 @lru_cache(maxsize=1024)
 def _load_split_site_cached(
-    path: Path, _index_mtime_ns: int, parts: tuple[tuple[int, ...], ...], required: StoreRequirements | None
+    path: Path, index_version: str, parts: tuple[tuple[int, ...], ...], required: StoreRequirements | None
 ) -> SiteData:
-    (store,) = open_stores([path], required)
+    store = _open_store_cached(path, index_version, required)
     train, val, test = (RoiDataset(store, indices) for indices in parts)
     return SiteData(store=store, train=train, val=val, test=test)
 
 
-def _index_mtime_ns(path: Path) -> int:
+def _index_version(path: Path) -> str:
+    """The index's modification time and size: a re-prepared store changes them (a copy that keeps
+    the time, as `cp -p` does, still changes the size unless the index is byte for byte the same)."""
     if not path.is_absolute():
         raise ValueError(f"data-path must be absolute (each message may run in a new process), got {path}")
     index_file = path / "index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"no ROI store at {path}: run `pneumofed prepare` for this site first")
-    return index_file.stat().st_mtime_ns
+    stat = index_file.stat()
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
 
 
 @lru_cache(maxsize=1024)  # a simulation worker serves many sites, each message anew
-def _load_site_cached(path: Path, _index_mtime_ns: int, seed: int, required: StoreRequirements | None) -> SiteData:
-    # Keyed on the index's mtime so a re-prepared store is picked up by long-lived workers.
+def _open_store_cached(path: Path, index_version: str, required: StoreRequirements | None) -> RoiStore:
+    # Keyed on the index's version so a re-prepared store is picked up by long-lived workers; one
+    # store per site and process, however its split was obtained.
     (store,) = open_stores([path], required)
+    return store
+
+
+@lru_cache(maxsize=1024)
+def _load_site_cached(path: Path, index_version: str, seed: int, required: StoreRequirements | None) -> SiteData:
+    store = _open_store_cached(path, index_version, required)
     labels = np.asarray(store.labels)
     train, val, test = train_val_test_split(labels, np.asarray(store.patient_keys), seed=seed)
     return SiteData(
