@@ -63,16 +63,18 @@ def cross_site_validation(grid: Grid, config: FederatedConfig, run: RunDirectory
     local = collect_local_models(grid, nodes, config)
     candidates = [CandidateModel("global", None, best), *local.accepted]
     log.info("cross-site validation: %d model(s) on %d site(s)", len(candidates), len(nodes))
-    # Before any is sent: which models go to every site, as they travel (encoded).
+    statistics = config.batchnorm_statistics()
+    encoded = [encode_arrays(c.arrays, config.update_encoding, statistics=statistics) for c in candidates]
+    # Before any is sent: which models go to every site, as they travel (why a site's local model
+    # is not among them is in cross_site.json).
     run.audit("cross-site-validation", participants=nodes, details={
-        "models": [{"kind": c.kind, "site": c.site, "sha256": array_digest(_encoded(c, config))} for c in candidates],
-        "local-models-not-scored": [{"site": dict(local.names).get(node, f"node-{node}"), "reason": reason}
-                                    for node, reason in local.not_shared.items()],
+        "models": [{"kind": c.kind, "site": c.site, "sha256": array_digest(arrays)}
+                   for c, arrays in zip(candidates, encoded, strict=True)],
     })
     columns = []
     names = dict(local.names)
-    for candidate in candidates:
-        replies = _evaluate_everywhere(grid, nodes, candidate, config)
+    for candidate, arrays in zip(candidates, encoded, strict=True):
+        replies = _evaluate_everywhere(grid, nodes, candidate, arrays, config)
         for node, reply in replies.items():  # a site whose QUERY failed still names itself here
             site = None if reply.has_error() else reply.content.config_records.get("site")
             if node not in names and site is not None and "name" in site:
@@ -138,20 +140,15 @@ def local_model_problem(
     return arrays_problem({name: tensor.numpy() for name, tensor in reference.items()}, values, variances)
 
 
-def _evaluate_everywhere(grid: Grid, nodes: Sequence[int], candidate: CandidateModel,
+def _evaluate_everywhere(grid: Grid, nodes: Sequence[int], candidate: CandidateModel, arrays: ArrayRecord,
                          config: FederatedConfig) -> dict[int, Message]:
-    """Every node's reply to an EVALUATE of `candidate` on its test part, by node."""
+    """Every node's reply to an EVALUATE of `candidate`, sent as `arrays` (encoded), on its test part, by node."""
     instruction = ConfigRecord({"split": "test", "server-round": config.num_server_rounds,
                                 "whole-model": candidate.kind == "local"})
-    arrays = _encoded(candidate, config)
     messages = [Message(RecordDict({"arrays": arrays, "config": instruction}), node, MessageType.EVALUATE)
                 for node in nodes]
     return {reply.metadata.src_node_id: reply
             for reply in grid.send_and_receive(messages, timeout=config.round_timeout)}
-
-
-def _encoded(candidate: CandidateModel, config: FederatedConfig) -> ArrayRecord:
-    return encode_arrays(candidate.arrays, config.update_encoding, statistics=config.batchnorm_statistics())
 
 
 def _column(candidate: CandidateModel, replies: Mapping[int, Message], nodes: Sequence[int], rows: Sequence[str],
