@@ -42,6 +42,7 @@ from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
 from pneumofed.common.federation.held_model import HELD_GLOBAL_MODEL, HOLD_GLOBAL_MODEL, NOT_HELD, arrays_digest
 from pneumofed.common.federation.legacy_fit import fit_reply, train_instruction
+from pneumofed.common.federation.packing import asks_for_packed_reply, pack_content, unpack_content
 from pneumofed.common.federation.site_policy import EvaluationPolicy, LocalModelPolicy, PrivacyBudget
 from pneumofed.common.learning import training
 from pneumofed.common.learning.augment import DEFAULT_AUGMENTATION, build_augmentation
@@ -53,6 +54,18 @@ from pneumofed.common.metrics.report import confusion_counts
 if TYPE_CHECKING:  # Opacus costs seconds to import: only DP-SGD rounds load privacy.py
     from pneumofed.common.learning.privacy import DPSGD
 
+
+
+def packed_arrays_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Unpacks the arrays of an instruction that asks for a packed reply, and packs the reply's
+    (`common/federation/packing.py`): the outermost mod, so every other mod and handler reads plain
+    records."""
+    if not asks_for_packed_reply(msg):
+        return call_next(msg, context)
+    unpacked = copy.copy(msg)
+    unpacked.content = unpack_content(msg.content)
+    reply = call_next(unpacked, context)
+    return reply if reply.has_error() else Message(pack_content(reply.content), reply_to=msg)
 
 
 def site_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -105,10 +118,10 @@ def held_global_model_mod(msg: Message, context: Context, call_next: ClientAppCa
     return reply
 
 
-# Outermost first: secure_aggregation_mod turns SecAgg+'s legacy messages into the plain TRAIN
-# messages that the mods after it and the handlers read; the clipping mod needs the global model
-# that held_global_model_mod puts back.
-MODS = [secure_aggregation_mod, held_global_model_mod, site_dp_clipping_mod]
+# Outermost first: packed_arrays_mod hands on plain records; secure_aggregation_mod turns SecAgg+'s
+# legacy messages into the plain TRAIN messages that the mods after it and the handlers read; the
+# clipping mod needs the global model that held_global_model_mod puts back.
+MODS = [packed_arrays_mod, secure_aggregation_mod, held_global_model_mod, site_dp_clipping_mod]
 app = ClientApp(mods=MODS)
 
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
