@@ -201,18 +201,20 @@ def _received_at_site(
     return config, site, config.build_model(), received
 
 
-def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
-    """This site's class counts in its training part, for federation-wide class weights."""
+def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None) -> RecordDict:
+    """This site's class counts in its training part, for federation-wide class weights; the split
+    is kept in the node's `state` (the run's first message: its first TRAIN need not split again)."""
     config = FederatedConfig.from_run_config(run_config)
-    site = _site_data(node_config, config)
+    site = _site_data(node_config, config, state)
     counts = torch.bincount(site.train.labels, minlength=len(config.classes)).tolist()
     return RecordDict({"metrics": MetricRecord({"num-examples": len(site.train), "class-counts": counts})})
 
 
-def share_local_model(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+def share_local_model(run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None) -> RecordDict:
     """This site's local-only model for cross-site validation, when its node config shares one
     (`local-model`): the model's whole floating-point state and the card fields the server checks
-    it against the run's model by. A site that shares none says so."""
+    it against the run's model by. A site that shares none says so. (It reads no site data, so
+    keeps nothing in `state`.)"""
     config = FederatedConfig.from_run_config(run_config)
     name = site_name(node_config, config)
     shared = LocalModelPolicy.from_node_config(_with_simulated_local_model(node_config, config)).shared_model
@@ -236,11 +238,12 @@ def _with_simulated_local_model(node_config: Mapping[str, Any], config: Federate
 QUERIES = {"class-counts": count_classes, "local-model": share_local_model}
 
 
-def answer_query(instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> RecordDict:
+def answer_query(instruction: ConfigRecord, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                 state: RecordDict | None = None) -> RecordDict:
     query_name = str(instruction.get("query", ""))
     if query_name not in QUERIES:
         raise ValueError(f"unknown query {query_name!r}; this site answers {', '.join(QUERIES)}")
-    return QUERIES[query_name](run_config, node_config)
+    return QUERIES[query_name](run_config, node_config, state)
 
 
 def train_locally(
@@ -375,7 +378,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    content = answer_query(msg.content["config"], context.run_config, context.node_config)
+    content = answer_query(msg.content["config"], context.run_config, context.node_config, context.state)
     _audit(context, msg, content)
     return Message(content=content, reply_to=msg)
 

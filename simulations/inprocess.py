@@ -60,7 +60,7 @@ class InProcessGrid:
         node = message.metadata.dst_node_id
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
-            return answer_query(message.content["config"], self.run_config, self.node_configs[node])
+            return answer_query(message.content["config"], self.run_config, self.node_configs[node], self.states[node])
         if kind in (MessageType.TRAIN, MessageType.EVALUATE):
             # Through the ClientApp itself, as a SuperNode delivers it: its mods (secure aggregation,
             # site-level DP, the held global model) act on these messages, and may change the copy

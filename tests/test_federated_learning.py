@@ -186,7 +186,7 @@ def test_a_site_splits_its_store_once_and_a_new_clientapp_process_reuses_the_spl
     config = FederatedConfig.from_run_config(config_dict)
     node = {"data-path": str(synthetic_sites[0])}
     state = RecordDict()
-    train_locally(initial_arrays(config), ConfigRecord({"server-round": 1}), config_dict, node, state)
+    count_classes(config_dict, node, state)  # a run's first message
     split = load_site(synthetic_sites[0], config.seed)
     kept = state[SITE_SPLIT]
     for part in ("train", "val", "test"):
@@ -198,6 +198,8 @@ def test_a_site_splits_its_store_once_and_a_new_clientapp_process_reuses_the_spl
 
     monkeypatch.setattr(site_module, "train_val_test_split", no_splitting)
     site_module._load_site_cached.cache_clear()
+    trained = train_locally(initial_arrays(config), ConfigRecord({"server-round": 1}), config_dict, node, _fresh_process(state))
+    assert trained["metrics"]["num-examples"] == len(split.train)
     reply = evaluate_locally(initial_arrays(config), ConfigRecord({"split": "val"}), config_dict, node, _fresh_process(state))
     assert reply["metrics"]["num-examples"] == len(split.val)
 
