@@ -132,7 +132,10 @@ def local_model_problem(
         return "its card is malformed: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
     except IncompatibleModelFile as error:
         return str(error)
-    values = as_numpy(next(iter(content.array_records.values())))
+    try:
+        values = as_numpy(next(iter(content.array_records.values())))
+    except ValueError as error:
+        return str(error)
     if set(values) != set(reference):
         missing, unexpected = sorted(set(reference) - set(values)), sorted(set(values) - set(reference))
         return f"its arrays are not the run model's tensors: missing {missing[:3]}, unexpected {unexpected[:3]}"

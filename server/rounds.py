@@ -209,11 +209,11 @@ def aggregate_train_round(
         else:
             try:
                 decoded = _decoded(reply, global_arrays, config, statistics)
+                records = list(decoded.content.array_records.values())
+                values = as_numpy(records[0]) if len(records) == 1 else {}
             except ValueError as error:
                 problems[node] = f"its arrays are not encoded as update-encoding={config.update_encoding} says: {error}"
                 continue
-            records = list(decoded.content.array_records.values())
-            values = as_numpy(records[0]) if len(records) == 1 else {}
             problem = update_problem(global_values, decoded.content, values, config.max_update_ratio, variances,
                                      declarations[node].num_examples)
             if problem is None:

@@ -12,12 +12,14 @@ from collections.abc import Collection, Mapping
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from pneumofed.common.federation.encoding import read_array
 from pneumofed.common.metrics.histogram import ScoreSummary
 
 
 def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """Every array deserialised once: Flower's `Array.numpy()` parses the bytes anew on each call."""
-    return {name: array.numpy() for name, array in arrays.items()}
+    """Every array deserialised once (Flower's `Array.numpy()` parses the bytes anew on each call);
+    ValueError when one does not deserialise."""
+    return {name: read_array(array, name) for name, array in arrays.items()}
 
 
 def update_problem(

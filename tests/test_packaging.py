@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _borrow_installed_dependencies(venv: Path) -> None:
     """Make this environment's packages importable in `venv` with a path file, which adds their folder
     without reading the path files in it: the editable pneumofed of this checkout stays invisible."""
-    borrowed = sysconfig.get_paths()["purelib"]
-    (_site_packages(venv) / "borrowed-dependencies.pth").write_text(borrowed + "\n")
+    paths = sysconfig.get_paths()
+    borrowed = dict.fromkeys([paths["purelib"], paths["platlib"]])  # the same folder on most systems
+    (_site_packages(venv) / "borrowed-dependencies.pth").write_text("".join(f"{path}\n" for path in borrowed))
 
 
 def _site_packages(venv: Path) -> Path:

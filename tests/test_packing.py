@@ -13,7 +13,13 @@ from test_federated import RecordingGrid, run_config
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import encode_arrays
 from pneumofed.common.federation.held_model import arrays_digest
-from pneumofed.common.federation.packing import PACKED_ARRAYS, PackedArraysGrid, pack_arrays, unpack_arrays
+from pneumofed.common.federation.packing import (
+    PACKED_ARRAYS,
+    PACKED_STYPE,
+    PackedArraysGrid,
+    pack_arrays,
+    unpack_arrays,
+)
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import initial_arrays, run_federation
 
@@ -28,7 +34,7 @@ def test_a_packed_record_is_one_uint8_array_that_unpacks_to_the_very_same_arrays
     arrays = _default_model_arrays(encoding)
     packed = pack_arrays(arrays)
 
-    assert list(packed.keys()) == [PACKED_ARRAYS] and packed[PACKED_ARRAYS].numpy().dtype == np.uint8
+    assert list(packed.keys()) == [PACKED_ARRAYS] and packed[PACKED_ARRAYS].stype == PACKED_STYPE
     unpacked = unpack_arrays(packed)
     assert list(unpacked.keys()) == list(arrays.keys())
     for name, array in arrays.items():
@@ -38,11 +44,14 @@ def test_a_packed_record_is_one_uint8_array_that_unpacks_to_the_very_same_arrays
 
 
 def _blob(record: ArrayRecord) -> bytes:
-    return record[PACKED_ARRAYS].numpy().tobytes()
+    return record[PACKED_ARRAYS].data
 
 
 def _record(blob: bytes) -> ArrayRecord:
-    return ArrayRecord({PACKED_ARRAYS: Array(np.frombuffer(blob, dtype=np.uint8))})
+    return ArrayRecord({PACKED_ARRAYS: Array(dtype="uint8", shape=(len(blob),), stype=PACKED_STYPE, data=blob)})
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # nested deeper than the JSON parser goes
 
 
 def _with_layout(layout: object, payload: bytes = b"") -> ArrayRecord:
@@ -54,11 +63,15 @@ def _with_layout(layout: object, payload: bytes = b"") -> ArrayRecord:
     (lambda good: _record(_blob(good)[:-1]), "not what its layout lists"),
     (lambda good: _record(_blob(good) + b"\0"), "not what its layout lists"),
     (lambda good: _with_layout("not a list"), "no readable layout"),
-    (lambda good: _with_layout([["w", "float32", [2], "numpy.ndarray", -8]], b"\0" * 8), "not what its layout lists"),
+    (lambda good: _with_layout([["w", "float32", [2], "numpy.ndarray", -8]], b"\0" * 8), "no readable layout"),
     (lambda good: _with_layout([["w", "uint8", [1], "numpy.ndarray", 1]] * 2, b"\0\0"), "twice"),
     (lambda good: _record(b"\xff" * 8), "shorter than its layout says"),
     (lambda good: _record(b"\0" * 3), "shorter than its layout says"),
-    (lambda good: ArrayRecord({PACKED_ARRAYS: Array(np.zeros(4, dtype=np.float32))}), "uint8 vector"),
+    (lambda good: _with_layout([["w", "uint8", "12", "numpy.ndarray", 1]], b"\0"), "no readable layout"),
+    (lambda good: _with_layout([[None, "uint8", [1], "numpy.ndarray", 1]], b"\0"), "no readable layout"),
+    (lambda good: _with_layout([["w", "uint8", [1], "numpy.ndarray", 1.5]], b"\0"), "no readable layout"),
+    (lambda good: _record(len(DEEP).to_bytes(8, "little") + DEEP), "no readable layout"),
+    (lambda good: ArrayRecord({PACKED_ARRAYS: Array(np.frombuffer(_blob(good), dtype=np.uint8))}), "serialisation"),
     (lambda good: ArrayRecord({PACKED_ARRAYS: good[PACKED_ARRAYS], "extra": Array(np.zeros(1))}), "exactly one array"),
 ])
 def test_a_record_that_is_no_packing_is_refused_with_its_reason(packed, reason):
@@ -97,12 +110,18 @@ def test_a_run_over_the_packed_grid_sends_and_receives_one_array_per_record_and_
         _without_timing(json.loads((plain_run.path / "metrics.json").read_text()))
 
 
-def test_a_training_reply_that_does_not_unpack_is_dropped_and_the_run_goes_on(synthetic_sites, tmp_path, flower_identity):
+@pytest.mark.parametrize(("packed", "arrays", "reason"), [
+    (True, _record(b"\xff" * 64), f"{PACKED_ARRAYS}: not a readable array"),  # does not unpack: passed on as it came
+    (False, ArrayRecord({"w": Array(dtype="float32", shape=(0,), stype="numpy.ndarray", data=b"")}), "w: not a readable array"),
+])
+def test_a_training_reply_whose_arrays_do_not_read_is_dropped_and_the_run_goes_on(
+    synthetic_sites, tmp_path, flower_identity, packed, arrays, reason
+):
     def garbled(content: RecordDict) -> RecordDict:
-        return RecordDict({**content, "arrays": _record(b"\xff" * 64)})
+        return RecordDict({**content, "arrays": arrays})
 
-    run, _ = _federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}), packed=True, tamper={100: garbled})
+    run, _ = _federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}), packed=packed, tamper={100: garbled})
 
     [record] = json.loads((run.path / "metrics.json").read_text())
     assert [rejection["node"] for rejection in record["rejected-updates"]] == [100]
-    assert "array keys differ" in record["rejected-updates"][0]["reason"]
+    assert reason in record["rejected-updates"][0]["reason"]

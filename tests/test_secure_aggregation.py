@@ -18,6 +18,7 @@ import pneumofed.client.app as client_app
 from pneumofed.client.app import count_classes
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.legacy_fit import fit_instruction, fit_reply, train_instruction
+from pneumofed.common.federation.packing import PackedArraysGrid
 from pneumofed.server import rounds, secure_aggregation
 from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.validation import as_numpy
@@ -83,10 +84,11 @@ class Recorder:
 
 
 def federate(sites, config_dict) -> tuple[RunDirectory, RecordingGrid]:
+    """A run over the grid as a deployed ServerApp sees it (arrays packed in transport)."""
     config = FederatedConfig.from_run_config(config_dict)
     grid = RecordingGrid(sites, config_dict)
     with RunDirectory.open(config, flower_run_id=1) as run:
-        rounds.run_federation(grid, config, run)
+        rounds.run_federation(PackedArraysGrid(grid), config, run)
     return run, grid
 
 

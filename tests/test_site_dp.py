@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from test_federated import RecordingGrid, federate, run_config
 
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.packing import PackedArraysGrid
 from pneumofed.server.rounds import SiteDeclaration, aggregate_train_round, initial_arrays
 from pneumofed.server.strategy import build_strategy
 from pneumofed.server.validation import as_numpy
@@ -146,7 +147,7 @@ def test_with_client_side_clipping_the_update_is_bounded_before_it_leaves_the_si
     clip = 0.05
     config_dict = run_config(tmp_path, **(PRIVATE | {"site-dp": "client-fixed", "site-dp-clipping-norm": clip}))
     config = FederatedConfig.from_run_config(config_dict)
-    grid = RecordingGrid(synthetic_sites, config_dict)
+    grid = PackedArraysGrid(RecordingGrid(synthetic_sites, config_dict))  # as deployed: Flower's mod sees plain records
     global_arrays = initial_arrays(config)
     strategy = build_strategy(config, num_nodes=len(synthetic_sites))
 

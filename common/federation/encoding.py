@@ -97,7 +97,7 @@ def decode_arrays(
     for name in record:
         if name == INT8_SCALES:
             continue
-        values = record[name].numpy()
+        values = read_array(record[name], name)
         expects_int8 = scales is not None and name not in statistics
         if expects_int8 and values.dtype == np.int8:
             scale = next(scales, None)
@@ -144,10 +144,19 @@ def dequantise_int8(codes: np.ndarray, scale: np.float32) -> np.ndarray:
     return codes.astype(np.float32) * np.float32(scale)
 
 
+def read_array(array: Array, name: str) -> np.ndarray:
+    """`array` deserialised; ValueError when its bytes are not an array (a received array is the
+    sender's bytes, and numpy and Flower raise EOFError, TypeError, ValueError, ... for bad ones)."""
+    try:
+        return array.numpy()
+    except Exception as error:  # noqa: BLE001 - any failure to parse means the same: not an array
+        raise ValueError(f"{name}: not a readable array ({type(error).__name__}: {error})") from None
+
+
 def _scales(record: ArrayRecord) -> list[np.float32]:
     if INT8_SCALES not in record:
         raise ValueError(f"an int8 record must carry its scales under {INT8_SCALES}")
-    scales = record[INT8_SCALES].numpy()
+    scales = read_array(record[INT8_SCALES], INT8_SCALES)
     if scales.ndim != 1 or not np.issubdtype(scales.dtype, np.floating):
         raise ValueError(f"{INT8_SCALES} must be a vector of floats, got {scales.dtype} of shape {scales.shape}")
     return [np.float32(scale) for scale in scales]
