@@ -201,7 +201,9 @@ def _received_at_site(
     return config, site, config.build_model(), received
 
 
-def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None) -> RecordDict:
+def count_classes(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None
+) -> RecordDict:
     """This site's class counts in its training part, for federation-wide class weights; the split
     is kept in the node's `state` (the run's first message: its first TRAIN need not split again)."""
     config = FederatedConfig.from_run_config(run_config)
@@ -210,7 +212,9 @@ def count_classes(run_config: Mapping[str, Any], node_config: Mapping[str, Any],
     return RecordDict({"metrics": MetricRecord({"num-examples": len(site.train), "class-counts": counts})})
 
 
-def share_local_model(run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None) -> RecordDict:
+def share_local_model(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], state: RecordDict | None = None
+) -> RecordDict:
     """This site's local-only model for cross-site validation, when its node config shares one
     (`local-model`): the model's whole floating-point state and the card fields the server checks
     it against the run's model by. A site that shares none says so. (It reads no site data, so

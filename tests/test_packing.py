@@ -38,7 +38,8 @@ def test_a_packed_record_is_one_uint8_array_that_unpacks_to_the_very_same_arrays
     unpacked = unpack_arrays(packed)
     assert list(unpacked.keys()) == list(arrays.keys())
     for name, array in arrays.items():
-        assert (unpacked[name].dtype, unpacked[name].shape, unpacked[name].stype) == (array.dtype, array.shape, array.stype)
+        fields = (unpacked[name].dtype, unpacked[name].shape, unpacked[name].stype)
+        assert fields == (array.dtype, array.shape, array.stype), name
         assert unpacked[name].data == array.data, name
     assert arrays_digest(unpacked) == arrays_digest(arrays)  # a held model is still recognised
 
@@ -89,30 +90,35 @@ def _federate(sites, config_dict, packed: bool, tamper=None) -> tuple[RunDirecto
 
 
 def _without_timing(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in record.items() if key != "timing" and "seconds" not in key} for record in history]
+    return [{key: value for key, value in record.items() if key != "timing" and "seconds" not in key}
+            for record in history]
 
 
 def test_a_run_over_the_packed_grid_sends_and_receives_one_array_per_record_and_learns_exactly_the_same(
     synthetic_sites, tmp_path, flower_identity
 ):
-    plain_run, _ = _federate(synthetic_sites, run_config(tmp_path / "plain", **{"num-server-rounds": 2}), packed=False)
-    packed_run, grid = _federate(synthetic_sites, run_config(tmp_path / "packed", **{"num-server-rounds": 2}), packed=True)
+    two_rounds = {"num-server-rounds": 2}
+    plain_run, _ = _federate(synthetic_sites, run_config(tmp_path / "plain", **two_rounds), packed=False)
+    packed_run, grid = _federate(synthetic_sites, run_config(tmp_path / "packed", **two_rounds), packed=True)
 
     for message in grid.instructions + grid.replies:
         if message.has_content():
-            assert all(len(record) <= 1 for record in message.content.array_records.values()), message.metadata.message_type
+            records = message.content.array_records.values()
+            assert all(len(record) <= 1 for record in records), message.metadata.message_type
     train_replies = [reply for reply in grid.replies if reply.metadata.message_type == MessageType.TRAIN]
     assert train_replies and all(list(reply.content["arrays"].keys()) == [PACKED_ARRAYS] for reply in train_replies)
-    assert json.loads((packed_run.path / "metrics.json").read_text())[1]["trained-from-held-model"]  # round 2 from the held model
-    plain, packed = (torch.load(run.path / "models" / "round-002.pt", weights_only=True)["state"] for run in (plain_run, packed_run))
+    history = json.loads((packed_run.path / "metrics.json").read_text())
+    assert history[1]["trained-from-held-model"]  # round 2 trained from the model the sites kept
+    plain, packed = (torch.load(run.path / "models" / "round-002.pt", weights_only=True)["state"]
+                     for run in (plain_run, packed_run))
     assert plain.keys() == packed.keys() and all(torch.equal(plain[name], packed[name]) for name in plain)
-    assert _without_timing(json.loads((packed_run.path / "metrics.json").read_text())) == \
-        _without_timing(json.loads((plain_run.path / "metrics.json").read_text()))
+    assert _without_timing(history) == _without_timing(json.loads((plain_run.path / "metrics.json").read_text()))
 
 
 @pytest.mark.parametrize(("packed", "arrays", "reason"), [
     (True, _record(b"\xff" * 64), f"{PACKED_ARRAYS}: not a readable array"),  # does not unpack: passed on as it came
-    (False, ArrayRecord({"w": Array(dtype="float32", shape=(0,), stype="numpy.ndarray", data=b"")}), "w: not a readable array"),
+    (False, ArrayRecord({"w": Array(dtype="float32", shape=(0,), stype="numpy.ndarray", data=b"")}),
+     "w: not a readable array"),
 ])
 def test_a_training_reply_whose_arrays_do_not_read_is_dropped_and_the_run_goes_on(
     synthetic_sites, tmp_path, flower_identity, packed, arrays, reason
@@ -120,7 +126,8 @@ def test_a_training_reply_whose_arrays_do_not_read_is_dropped_and_the_run_goes_o
     def garbled(content: RecordDict) -> RecordDict:
         return RecordDict({**content, "arrays": arrays})
 
-    run, _ = _federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}), packed=packed, tamper={100: garbled})
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 1})
+    run, _ = _federate(synthetic_sites, config_dict, packed=packed, tamper={100: garbled})
 
     [record] = json.loads((run.path / "metrics.json").read_text())
     assert [rejection["node"] for rejection in record["rejected-updates"]] == [100]

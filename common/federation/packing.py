@@ -109,8 +109,8 @@ def asks_for_packed_reply(message: Message) -> bool:
 
 class PackedArraysGrid:
     """The server's `grid`, sending every message packed (and asking for a packed reply) and
-    handing back its replies unpacked. A reply that does not unpack is handed back as it came,
-    and fails the checks every reply passes (its arrays fit no model)."""
+    handing back its replies unpacked. A reply that does not unpack is handed back as it came, and
+    is rejected by the checks every reply passes (its array does not read as one of the model's)."""
 
     def __init__(self, grid) -> None:  # a Flower Grid, or anything with its send_and_receive
         self._grid = grid
