@@ -137,6 +137,12 @@ def pneumofed_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "pneumofed.common.cli"]
 
 
+def _default_sigint() -> None:
+    """SIGINT at its default in a child about to exec, as a terminal starts a command: tests run as a
+    background job inherit SIGINT ignored, and a Python started so keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def workers(pid: int) -> int:
     """How many child processes of `pid` are forks of it (the decoding pool's workers)."""
     try:
@@ -167,7 +173,8 @@ def test_ctrl_c_during_prepare_prints_one_line_exits_130_and_keeps_the_store(tmp
                "--annotations", str(hospital / "annotations.csv"), "--out", str(store), "--secret-file", str(secret),
                "--roi-size", "32", "--spacing-mm", "0.25", "--workers", "2"]
     # Its own session, so that the SIGINT goes to its process group only, as a terminal's Ctrl-C would.
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=_default_sigint)  # noqa: PLW1509 - it takes no lock between fork and exec
     try:
         deadline = time.monotonic() + 120
         while workers(run.pid) < 2:  # the two decoding workers exist: decoding has started

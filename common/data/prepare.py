@@ -723,16 +723,21 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Shut the pool down without running the files still queued: its workers are terminated.
+    """Shut the pool down without running the files still queued: its workers are terminated, and
+    its manager thread has ended. (Left running, that thread may close its wake-up pipe while the
+    exiting interpreter writes to it, and a traceback follows the one line 'interrupted'.)
 
     ProcessPoolExecutor offers no terminate before Python 3.14, hence its private process table.
     """
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
     pool.shutdown(wait=not processes, cancel_futures=True)
     for process in processes:
         process.terminate()
     for process in processes:
         process.join()
+    if manager is not None:
+        manager.join(timeout=30)  # it ends once it sees its workers gone
 
 
 def _store_cut(
