@@ -142,8 +142,8 @@ def blob_detector() -> nn.Module:
     """shufflenet_v2 (0.5) trained for 90 steps to tell ROIs with a blob (class 0) from ROIs without.
 
     Deterministic (fixed seeds, one thread) on one CPU, but not across CPUs: after 60 steps one
-    machine's detector scored 0.94, another's above 0.95; after 90, 1.0. BatchNorm statistics are refitted exactly afterwards,
-    so eval mode sees what training saw after so few steps.
+    machine's detector scored 0.94, another's above 0.95; after 90, 1.0. BatchNorm statistics are
+    refitted exactly afterwards, so eval mode sees what training saw after so few steps.
     """
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
