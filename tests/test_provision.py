@@ -285,7 +285,8 @@ def test_start_scripts_pass_no_flwr_internal_variable_on(provisioned: Path, tmp_
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                     "print(json.dumps({'env': dict(os.environ), 'argv': sys.argv[1:]}))\n")
     fake.chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if key != "NGINX" and not key.startswith("FLWR_INTERNAL_")}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("NGINX", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL") and not key.startswith("FLWR_INTERNAL_")}
     env.update({
         "PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_INTERNAL_GRPC_CONTROL_API": "1",
@@ -304,8 +305,9 @@ def test_start_scripts_pass_no_flwr_internal_variable_on(provisioned: Path, tmp_
         assert seen["argv"][-1] == "--extra-flag"
     if program == "flower-superlink":  # uvicorn trusts X-Forwarded-For only from nginx on loopback
         assert seen["env"]["FORWARDED_ALLOW_IPS"] == "127.0.0.1"
-    if program == "flower-supernode":  # its Runtime API stays on loopback
+    if program == "flower-supernode":  # its Runtime API stays on loopback, its SuperExec looks there often
         assert seen["argv"][seen["argv"].index("--host") + 1] == "127.0.0.1"
+        assert seen["env"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
 
 
 # --- hospital-facing nginx, in front of a stand-in SuperLink -------------------------------------------------------

@@ -10,6 +10,9 @@ for pneumofed_var in $(env | sed -n 's/^\(FLWR_INTERNAL_[A-Za-z0-9_]*\)=.*/\1/p'
     unset "$pneumofed_var"
 done
 unset pneumofed_var
+# Its SuperExec looks for a message to start a ClientApp process for once a second by default; a
+# look is a request on loopback, so look every 0.1 s (a message waits 0.05 s for it, not 0.5 s).
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 exec flower-supernode \
     --superlink {{superlink_address}} \
     --root-certificates "$KIT/ca.crt" \
