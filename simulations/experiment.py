@@ -454,6 +454,17 @@ def local_arm(config: ExperimentConfig, site: SiteData, test_set: Dataset, class
                      {"best-epoch": best, "train-rois": len(site.train)})
 
 
+def federated_run_config(config: ExperimentConfig, name: str, class_names: list[str]) -> dict[str, Any]:
+    """The run config of federated arm `name`, but for its run directory."""
+    arm, t = config.federated, config.training
+    return {
+        "num-server-rounds": arm.rounds, "local-epochs": arm.local_epochs,
+        "model": config.model, "model-width": config.model_width, "class-names": ",".join(class_names),
+        "roi-size": config.data.roi_size, "learning-rate": t.learning_rate, "batch-size": t.batch_size,
+        "class-weighting": t.class_weighting, "augment": t.augment, "seed": config.seed,
+    } | arm.run_config | arm.arms()[name]
+
+
 def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], sites: list[SiteData],
                   class_names: list[str], out: Path) -> ArmResult:
     """A federated run, its best round scored on the sites' test parts. Under `fedbn`/`silobn` there
@@ -463,14 +474,7 @@ def federated_arm(config: ExperimentConfig, name: str, site_paths: list[Path], s
     run_dir = out / "run"
     if run_dir.exists():  # a stale or interrupted run: start afresh rather than resume other settings
         shutil.rmtree(run_dir)
-    t = config.training
-    run_config = {
-        "num-server-rounds": arm.rounds, "local-epochs": arm.local_epochs,
-        "model": config.model, "model-width": config.model_width, "class-names": ",".join(class_names),
-        "roi-size": config.data.roi_size, "learning-rate": t.learning_rate, "batch-size": t.batch_size,
-        "class-weighting": t.class_weighting, "augment": t.augment, "seed": config.seed,
-        "run-dir": str(run_dir.resolve()),
-    } | arm.run_config | arm.arms()[name]
+    run_config = federated_run_config(config, name, class_names) | {"run-dir": str(run_dir.resolve())}
     arm_config = FederatedConfig.from_run_config(run_config | {"sites": ",".join(map(str, site_paths))})
     if arm.engine == "in-process":
         _, grid = run_in_process(site_paths, run_config)
@@ -560,7 +564,8 @@ def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTrack
     if config.centralised is not None:
         for model_name in config.centralised.models:
             arm_dir = out / "centralised-cv" / model_name
-            settings = {"arm": "cv", "model": model_name, "sources": sources, **_common_settings(config)}
+            settings = {"arm": "cv", "model": model_name, "sources": sources,
+                        "centralised": config.centralised.model_dump(exclude={"models"}), **_common_settings(config)}
             results.append(_run_arm(arm_dir, settings, lambda m=model_name, d=arm_dir: centralised_cv_arm(config, sources, m, d),
                                     tracking))
 
@@ -580,7 +585,9 @@ def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTrack
         if config.federated is not None:
             for arm_name in config.federated.arms():
                 arm_dir = group / f"federated-{arm_name}"
-                settings = {"arm": "federated", "strategy": arm_name, "federated": config.federated.model_dump(), **base}
+                # What this arm's run depends on, so that adding another strategy or variant reuses it.
+                settings = {"arm": "federated", "strategy": arm_name, "engine": config.federated.engine,
+                            "run-config": federated_run_config(config, arm_name, class_names), **base}
                 results.append(_run_arm(arm_dir, settings, lambda s=arm_name, d=arm_dir, p=site_paths, ss=sites,
                                         c=class_names: federated_arm(config, s, p, ss, c, d), tracking))
         if config.local:
@@ -596,8 +603,7 @@ def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTrack
 
 def _common_settings(config: ExperimentConfig) -> dict[str, Any]:
     return {"seed": config.seed, "bootstrap": config.bootstrap, "model": config.model, "width": config.model_width,
-            "data": config.data.model_dump(), "training": config.training.model_dump(),
-            "centralised": None if config.centralised is None else config.centralised.model_dump()}
+            "data": config.data.model_dump(), "training": config.training.model_dump()}
 
 
 # ------------------------------------------------------------------------------ tables and curves

@@ -144,6 +144,47 @@ scheme = "natural"
     assert time.perf_counter() - started < 30
 
 
+def test_an_arm_is_reused_until_something_it_depends_on_changes(synthetic_sites, tmp_path, capsys):
+    stores = ", ".join(f'"{s}"' for s in synthetic_sites[:2])
+
+    def experiment(rounds: int, variants: str) -> dict[str, str]:
+        """Run the experiment; each arm's folder name -> 'running' or 'reusing'."""
+        config = _write(tmp_path / "reuse.toml", f"""
+name = "reuse"
+bootstrap = 20
+model_width = 0.5
+local = false
+[data]
+kind = "stores"
+roi_size = 32
+stores = [{stores}]
+[training]
+epochs = 1
+augment = false
+[federated]
+strategies = ["fedavg"]
+rounds = {rounds}
+engine = "in-process"
+variants = {variants}
+[partitions.natural]
+scheme = "natural"
+""")
+        parser = argparse.ArgumentParser()
+        configure_parser(parser)
+        capsys.readouterr()
+        assert run(parser.parse_args([str(config), "--out", str(tmp_path / "out")])) == 0
+        lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("[experiment] r")]
+        return {Path(words[2]).name: words[1] for words in lines}
+
+    assert experiment(1, "{}") == {"pooled": "running", "federated-fedavg": "running"}
+    # Another variant runs only itself: the arms already there do not depend on it.
+    assert experiment(1, '{ fedbn = { "bn-mode" = "fedbn" } }') == {
+        "pooled": "reusing", "federated-fedavg": "reusing", "federated-fedbn": "running"}
+    # More rounds change every federated arm's run, and nothing of the pooled arm's.
+    assert experiment(2, '{ fedbn = { "bn-mode" = "fedbn" } }') == {
+        "pooled": "reusing", "federated-fedavg": "running", "federated-fedbn": "running"}
+
+
 def test_seeds_in_process_variants_and_the_paired_summary_across_seeds(synthetic_sites, tmp_path):
     stores = ", ".join(f'"{s}"' for s in synthetic_sites[:2])
     config = _write(tmp_path / "seeds.toml", f"""
