@@ -564,8 +564,8 @@ def _run_one_seed(config: ExperimentConfig, out: Path, tracking: ExperimentTrack
     if config.centralised is not None:
         for model_name in config.centralised.models:
             arm_dir = out / "centralised-cv" / model_name
-            settings = {"arm": "cv", "model": model_name, "sources": sources,
-                        "centralised": config.centralised.model_dump(exclude={"models"}), **_common_settings(config)}
+            settings = {**_common_settings(config), "arm": "cv", "model": model_name, "sources": sources,
+                        "centralised": config.centralised.model_dump(exclude={"models"})}
             results.append(_run_arm(arm_dir, settings, lambda m=model_name, d=arm_dir: centralised_cv_arm(config, sources, m, d),
                                     tracking))
 

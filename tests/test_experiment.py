@@ -137,6 +137,9 @@ scheme = "natural"
     assert "| federated | fedavg |" in (out / "results.md").read_text()
     assert (out / "natural" / "curves.png").is_file()
     assert (out / "natural" / "federated-fedavg" / "test_roc.png").is_file()
+    # A CV arm is keyed by its own model, not the per-partition arms' model.
+    assert json.loads((out / "centralised-cv" / "shufflenet_v2" / "arm.json").read_text())["settings"]["model"] == (
+        "shufflenet_v2")
 
     # A second run with unchanged settings reuses every arm instead of training again.
     capsys.readouterr()
