@@ -19,7 +19,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -30,17 +29,16 @@ from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from torch import nn
 
 from pneumofed.common.data.site import SiteData, load_site, load_site_with_split, split_key
 from pneumofed.common.data.store import StoreRequirements
 from pneumofed.common.federation.audit import append_reply_audit
+from pneumofed.common.federation.carried_evaluation import EVALUATE_FIRST, EVALUATION, EVALUATION_REFUSED
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state, load_exchanged_state, local_state
-from pneumofed.common.federation.held_model import HELD_GLOBAL_MODEL, HOLD_GLOBAL_MODEL, NOT_HELD, arrays_digest
 from pneumofed.common.federation.legacy_fit import fit_reply, train_instruction
 from pneumofed.common.federation.packing import asks_for_packed_reply, pack_content, unpack_content
 from pneumofed.common.federation.site_policy import EvaluationPolicy, LocalModelPolicy, PrivacyBudget
@@ -98,30 +96,34 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return secaggplus_mod(msg, context, train_as_fit)
 
 
-def held_global_model_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Keeps the global model of an evaluation when the server asks (`hold-global-model`), and puts
-    it back into the next TRAIN instruction that names it instead of carrying it, so the aggregate
-    travels to the site once per round (`common/federation/held_model.py`)."""
+def evaluation_before_training_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Scores the received model before training from it when the TRAIN instruction asks
+    (`evaluate-first`), and adds the evaluation to the reply (`common/federation/carried_evaluation.py`):
+    the last round's score rides on this round's message. Outside the clipping mod, whose Flower
+    checks allow only the update's own records in the reply."""
     config = msg.content.config_records.get("config", ConfigRecord())
-    kind = msg.metadata.message_type
-    if kind == MessageType.TRAIN and HELD_GLOBAL_MODEL in config:
-        held = context.state.array_records.get(HELD_GLOBAL_MODEL)
-        if held is None or arrays_digest(held) != config[HELD_GLOBAL_MODEL]:
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=NOT_HELD), reply_to=msg)
-        del context.state[HELD_GLOBAL_MODEL]
-        instruction = copy.copy(msg)
-        instruction.content = RecordDict({**msg.content, "arrays": held})
-        return call_next(instruction, context)
+    if msg.metadata.message_type != MessageType.TRAIN or EVALUATE_FIRST not in config:
+        return call_next(msg, context)
+    evaluated_round = int(config["server-round"]) - 1
+    instruction = ConfigRecord({"split": config[EVALUATE_FIRST], "server-round": evaluated_round})
+    try:
+        evaluation = evaluate_locally(msg.content["arrays"], instruction, context.run_config, context.node_config,
+                                      context.state)
+        carried = RecordDict({EVALUATION: evaluation["metrics"], "site": evaluation["site"]})
+    except PermissionError as refusal:  # the site's evaluation policy: its training goes on
+        evaluation, carried = None, RecordDict({EVALUATION_REFUSED: ConfigRecord({"reason": str(refusal)})})
     reply = call_next(msg, context)
-    if kind == MessageType.EVALUATE and HOLD_GLOBAL_MODEL in config and not reply.has_error():
-        context.state[HELD_GLOBAL_MODEL] = msg.content["arrays"]
-    return reply
+    if reply.has_error():
+        return reply
+    if evaluation is not None:
+        _audit_reply(context, evaluated_round, MessageType.EVALUATE, evaluation)
+    return Message(RecordDict({**reply.content, **carried}), reply_to=msg)
 
 
 # Outermost first: packed_arrays_mod hands on plain records; secure_aggregation_mod turns SecAgg+'s
 # legacy messages into the plain TRAIN messages that the mods after it and the handlers read; the
-# clipping mod needs the global model that held_global_model_mod puts back.
-MODS = [packed_arrays_mod, secure_aggregation_mod, held_global_model_mod, site_dp_clipping_mod]
+# clipping mod sees only the update's own records (evaluation_before_training_mod adds the rest).
+MODS = [packed_arrays_mod, secure_aggregation_mod, evaluation_before_training_mod, site_dp_clipping_mod]
 app = ClientApp(mods=MODS)
 
 # Keys of the site's own state in its Flower `context.state` (kept by the SuperNode between messages).
@@ -388,12 +390,13 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _audit(context: Context, msg: Message, content: RecordDict) -> None:
+    _audit_reply(context, int(msg.content["config"]["server-round"]), msg.metadata.message_type, content)
+
+
+def _audit_reply(context: Context, server_round: int, kind: str, content: RecordDict) -> None:
     if "audit-log" not in context.node_config:
         return
     append_reply_audit(
-        Path(str(context.node_config["audit-log"])),
-        run_id=context.run_id,
-        server_round=int(msg.content["config"]["server-round"]),
-        kind=msg.metadata.message_type,
+        Path(str(context.node_config["audit-log"])), run_id=context.run_id, server_round=server_round, kind=kind,
         content=content,
     )

@@ -169,8 +169,6 @@ class RunDirectory:
             record.update(evaluation.summary())
         rejected = trained.rejected if trained else []
         record["rejected-updates"] = rejected
-        # Sites that trained from the model they kept: it was not sent to them again this round.
-        record["trained-from-held-model"] = len(trained.from_held_model) if trained else 0
         self.history.append(record)
 
         model_path = self.save_model(self.path / "models" / f"round-{server_round:03d}.pt", arrays, server_round)

@@ -1,13 +1,15 @@
 """A federated run, round by round, readable in one place.
 
 Each round: the strategy picks nodes and builds the train instructions, which carry the global
-model encoded as `update-encoding` says (`encoding`), or, to a site that kept the model it evaluated
-last round, only its digest (`held_model`); every reply is decoded to fp32 and
+model encoded as `update-encoding` says (`encoding`) and ask the sites to score it on their
+validation parts before they train from it (`carried_evaluation`: that model is the last round's
+aggregate, so one message per site and round does both); every update is decoded to fp32 and
 validated (`validation.update_problem`) and a bad one dropped with its reason; the strategy
-aggregates the rest; the new global model is evaluated on the sites' validation parts and pooled
-(`pooling.pool_evaluations`); the run directory records the round. After the last round the model
-with the best pooled validation score is evaluated once on the sites' test parts (with
-`cross-site-validation`, beside the local-only models the sites share: `cross_site`).
+aggregates the rest; the evaluations are pooled (`pooling.pool_evaluations`) and the run directory
+records the round they score. The last round's model is scored by EVALUATE messages of its own
+(every round's, under SecAgg+). Then the model with the best pooled validation score is evaluated
+once on the sites' test parts (with `cross-site-validation`, beside the local-only models the sites
+share: `cross_site`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from pneumofed.common.federation.carried_evaluation import EVALUATE_FIRST, EVALUATION, EVALUATION_REFUSED
 from pneumofed.common.federation.config import FederatedConfig
 from pneumofed.common.federation.encoding import decode_arrays, encode_arrays
 from pneumofed.common.federation.exchange import exchanged_state
-from pneumofed.common.federation.held_model import HELD_GLOBAL_MODEL, HOLD_GLOBAL_MODEL, NOT_HELD, arrays_digest
 from pneumofed.common.federation.pooling import PooledEvaluation, pool_evaluations
 from pneumofed.common.learning.modelfile import load_model_file, require_compatible
 from pneumofed.server.cross_site import cross_site_validation
@@ -58,55 +60,82 @@ class TrainRound:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
-    # Nodes that trained from the global model they kept from the last evaluation (`send_training`).
-    from_held_model: list[int] = field(default_factory=list)
     # Each site's DP-SGD spend as its reply states it, by node id (`outputs.reported_privacy`).
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RoundTiming:
-    """Where a round's wall time went. The sites' compute is what they report (train-seconds,
-    eval-seconds); the framework's overhead is the rest of the round beyond the slowest site of
-    each phase: messaging, (de)serialisation, process starts, aggregation and pooling."""
+    """Where a round's wall time went. The round's exchange is its TRAIN messages, which also carry
+    the evaluation of the round before's model; a round whose own model is scored by EVALUATE messages
+    (the last, and every round under SecAgg+) adds that exchange. The sites' compute is what they report
+    (train-seconds, eval-seconds); the framework's overhead is the rest of the round beyond the
+    slowest site: messaging, (de)serialisation, process starts, aggregation and pooling."""
 
-    round_seconds: float
+    round_seconds: float  # the exchange through aggregation, pooling and any EVALUATE exchange
     aggregate_seconds: float
     pool_seconds: float
-    slowest_train_seconds: float
-    slowest_eval_seconds: float
-    sites_train_seconds: float  # summed over the sites: what sites sharing a CPU wait for
-    sites_eval_seconds: float
-    # Each exchange's waits outside the sites' compute (`exchange_waits`; train: 0 under SecAgg+).
-    slowest_train_delivery_seconds: float
-    train_collect_seconds: float
-    slowest_eval_delivery_seconds: float
-    eval_collect_seconds: float
+    slowest_site_seconds: float  # of each exchange, summed over the round's exchanges
+    sites_seconds: float  # summed over the sites: what sites sharing a CPU wait for
+    # The exchanges' waits outside the sites' compute (`exchange_waits`; SecAgg+'s train: unmeasured).
+    slowest_delivery_seconds: float
+    collect_seconds: float
+    evaluate_exchange_seconds: float = 0.0  # the EVALUATE messages' exchange, when the round had one
 
     def summary(self) -> dict[str, float]:
-        overhead = self.round_seconds - self.slowest_train_seconds - self.slowest_eval_seconds
+        overhead = self.round_seconds - self.slowest_site_seconds
         return {name.replace("_", "-"): value for name, value in vars(self).items()} | {"overhead-seconds": overhead}
 
+    def with_evaluate_exchange(self, exchange: ExchangeTiming, pool_seconds: float) -> RoundTiming:
+        """This timing with the round's EVALUATE exchange (and its pooling) added."""
+        return RoundTiming(
+            round_seconds=self.round_seconds + exchange.seconds + pool_seconds,
+            aggregate_seconds=self.aggregate_seconds,
+            pool_seconds=self.pool_seconds + pool_seconds,
+            slowest_site_seconds=self.slowest_site_seconds + exchange.slowest_site_seconds,
+            sites_seconds=self.sites_seconds + exchange.sites_seconds,
+            slowest_delivery_seconds=self.slowest_delivery_seconds + exchange.slowest_delivery_seconds,
+            collect_seconds=self.collect_seconds + exchange.collect_seconds,
+            evaluate_exchange_seconds=exchange.seconds,
+        )
 
-def _reported(replies: Iterable[Message], key: str) -> list[float]:
-    """The compute times the replies report under `key` (replies without a usable one are left out)."""
-    return [
-        float(metrics[key]) for reply in replies if not reply.has_error()
-        for metrics in reply.content.metric_records.values()
-        if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key]) and metrics[key] >= 0
-    ]
+
+@dataclass(frozen=True)
+class ExchangeTiming:
+    """One send-and-receive of a round's messages, timed from the server and from the replies."""
+
+    seconds: float
+    slowest_site_seconds: float
+    sites_seconds: float
+    slowest_delivery_seconds: float
+    collect_seconds: float
+
+    @classmethod
+    def of(cls, replies: list[Message], sent_at: float, received_at: float, *, waits_known: bool = True) -> ExchangeTiming:
+        compute = [_site_compute(reply) for reply in replies if not reply.has_error()]
+        delivery, collect = exchange_waits(replies, sent_at, received_at) if waits_known else (0.0, 0.0)
+        return cls(received_at - sent_at, max(compute, default=0.0), sum(compute), delivery, collect)
 
 
-def exchange_waits(replies: Iterable[Message], sent_at: float, received_at: float, key: str) -> tuple[float, float]:
+COMPUTE_METRICS = ("train-seconds", "eval-seconds")  # what sites report of their own compute
+
+
+def _site_compute(reply: Message) -> float:
+    """The compute `reply` reports, training and evaluation together (unusable values left out)."""
+    return sum(
+        float(value) for metrics in reply.content.metric_records.values() for key in COMPUTE_METRICS
+        if isinstance(value := metrics.get(key), (int, float)) and math.isfinite(value) and value >= 0
+    )
+
+
+def exchange_waits(replies: Iterable[Message], sent_at: float, received_at: float) -> tuple[float, float]:
     """An exchange's time outside the sites' compute, in seconds of `time.time()`: the longest wait
     over sites from the server sending to the site's handler starting (transport, polling, a new
     ClientApp process and its imports, and waiting for a worker that other sites occupy: the reply's
-    creation time less the compute it reports under `key`), and the wait from the last reply's
-    creation to the server holding every reply. A site sent its instruction again (`send_training`)
-    counts from the first sending. Sites stamp their replies with their own clocks, so across
-    machines this is as exact as their clock synchronisation."""
-    timed = [(reply.metadata.created_at, seconds) for reply in replies if not reply.has_error()
-             for seconds in _reported([reply], key)]
+    creation time less the compute it reports), and the wait from the last reply's creation to the
+    server holding every reply. Sites stamp their replies with their own clocks, so across machines
+    this is as exact as their clock synchronisation."""
+    timed = [(reply.metadata.created_at, _site_compute(reply)) for reply in replies if not reply.has_error()]
     if not timed:
         return 0.0, 0.0
     delivery = max(made - seconds - sent_at for made, seconds in timed)
@@ -292,43 +321,55 @@ def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, confi
     return messages
 
 
-def send_training(
-    grid: Grid, instructions: list[Message], held: Mapping[int, str], config: FederatedConfig
-) -> tuple[list[Message], list[int]]:
-    """Send the round's TRAIN `instructions`; returns the replies and the nodes that trained from the
-    model they held. A site whose `held` digest (the model it kept from the last evaluation) is the
-    instructions' model gets the instruction without the arrays, naming the digest; a site that turns
-    out not to hold it gets the full instruction."""
-    if not instructions:
-        return [], []
-    digest = arrays_digest(instructions[0].content["arrays"])  # encoded_instructions: one record for all
-    lean = {message.metadata.dst_node_id for message in instructions if held.get(message.metadata.dst_node_id) == digest}
-    sent = [_naming_held_model(message, digest) if message.metadata.dst_node_id in lean else message
-            for message in instructions]
-    replies = list(grid.send_and_receive(sent, timeout=config.round_timeout))
-    unheld = {reply.metadata.src_node_id for reply in replies if reply.has_error() and NOT_HELD in reply.error.reason}
-    from_held = sorted(lean - unheld)
-    if not unheld:
-        return replies, from_held
-    log.info("resending the global model to node(s) %s, which no longer hold it", sorted(unheld))
-    resent = grid.send_and_receive([message for message in instructions if message.metadata.dst_node_id in unheld],
-                                   timeout=config.round_timeout)
-    return [reply for reply in replies if reply.metadata.src_node_id not in unheld] + list(resent), from_held
+def exchange(
+    grid: Grid, training: list[Message], evaluating: list[Message], config: FederatedConfig
+) -> tuple[list[Message], list[Message], ExchangeTiming]:
+    """Send a round's TRAIN instructions `training` and the EVALUATE instructions `evaluating` of the
+    same model (the last round's aggregate), one message per site: a site in both gets the TRAIN
+    asking it to evaluate first (`carried_evaluation`). Returns the train replies, the evaluation
+    replies (split out of the TRAIN replies that carry them) and the exchange's timing."""
+    scoring = {message.metadata.dst_node_id: message for message in evaluating}
+    trainees = {message.metadata.dst_node_id for message in training}
+    sent = [_evaluating_first(message, scoring[message.metadata.dst_node_id]) if message.metadata.dst_node_id in scoring
+            else message for message in training]
+    sent += [message for node, message in scoring.items() if node not in trainees]
+    sent_at = time.time()
+    replies = list(grid.send_and_receive(sent, timeout=config.round_timeout)) if sent else []
+    timing = ExchangeTiming.of(replies, sent_at, time.time())
+    train_replies, evaluation_replies = [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.metadata.message_type == MessageType.EVALUATE:
+            evaluation_replies.append(reply)
+            continue
+        carried = node in scoring
+        train_replies.append(reply if reply.has_error() or not carried else _part(reply, exclude=CARRIED_RECORDS))
+        if carried:
+            evaluation_replies.append(reply if reply.has_error() else _carried_evaluation(reply))
+    return train_replies, evaluation_replies, timing
 
 
-def _naming_held_model(instruction: Message, digest: str) -> Message:
-    content = RecordDict({key: record for key, record in instruction.content.items() if key != "arrays"})
-    content["config"] = ConfigRecord({**instruction.content["config"], HELD_GLOBAL_MODEL: digest})
-    return Message(content, instruction.metadata.dst_node_id, instruction.metadata.message_type)
+CARRIED_RECORDS = (EVALUATION, EVALUATION_REFUSED, "site")
 
 
-def _holding_evaluated_model(instructions: list[Message]) -> str:
-    """Ask every site in `instructions` (EVALUATE) to keep the model for the next round's training;
-    returns its digest."""
-    digest = arrays_digest(instructions[0].content["arrays"]) if instructions else ""
-    for message in instructions:
-        message.content["config"][HOLD_GLOBAL_MODEL] = digest
-    return digest
+def _evaluating_first(training: Message, evaluating: Message) -> Message:
+    config = ConfigRecord({**training.content["config"], EVALUATE_FIRST: evaluating.content["config"]["split"]})
+    return Message(RecordDict({**training.content, "config": config}), training.metadata.dst_node_id, MessageType.TRAIN)
+
+
+def _part(reply: Message, *, exclude: Iterable[str] = (), include: Mapping[str, str] | None = None) -> Message:
+    """A copy of `reply` with its records less `exclude`, or only those `include` names (as renamed there)."""
+    part = copy.copy(reply)  # the grid's reply stays as it arrived (what the site sent)
+    if include is None:
+        part.content = RecordDict({key: record for key, record in reply.content.items() if key not in exclude})
+    else:
+        part.content = RecordDict({new: reply.content[old] for old, new in include.items() if old in reply.content})
+    return part
+
+
+def _carried_evaluation(reply: Message) -> Message:
+    """The evaluation a TRAIN reply carries, shaped as an EVALUATE reply (`pool_replies` reads both)."""
+    return _part(reply, include={EVALUATION: "metrics", "site": "site", EVALUATION_REFUSED: EVALUATION_REFUSED})
 
 
 def _in_dtypes_of(reference: Mapping[str, np.ndarray], arrays: ArrayRecord) -> ArrayRecord:
@@ -348,8 +389,12 @@ def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEv
     answered, rejected = [], []
     for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
         node = reply.metadata.src_node_id
-        problem = (f"the node replied with an error: {reply.error.reason}" if reply.has_error()
-                   else evaluation_problem(reply.content, len(class_names)))
+        if reply.has_error():
+            problem = f"the node replied with an error: {reply.error.reason}"
+        elif EVALUATION_REFUSED in reply.content:
+            problem = f"the node refused: {reply.content[EVALUATION_REFUSED].get('reason', '')}"
+        else:
+            problem = evaluation_problem(reply.content, len(class_names))
         if problem is None:
             answered.append(reply)
         else:
@@ -374,6 +419,38 @@ def _site_label(reply: Message) -> str:
     return str(site["name"]) if site and "name" in site else f"node-{reply.metadata.src_node_id}"
 
 
+def evaluate_instructions(
+    strategy: FedAvg, server_round: int, arrays: ArrayRecord, grid: Grid, config: FederatedConfig
+) -> list[Message]:
+    """The strategy's EVALUATE instructions for round `server_round`'s model `arrays`, on the validation parts."""
+    configured = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid)
+    return encoded_instructions(configured, arrays, config)
+
+
+@dataclass
+class ScoredLater:
+    """A trained round whose model the sites score later, with what the run directory records of it."""
+
+    server_round: int
+    arrays: ArrayRecord
+    trained: TrainRound
+    optimiser_state: dict[str, Any]  # the server optimiser's state after this round's step
+    timing: RoundTiming
+
+    def record(self, run: RunDirectory, evaluation: PooledEvaluation | None) -> None:
+        run.record_round(self.server_round, self.arrays, self.trained, evaluation, self.optimiser_state, self.timing)
+
+    def score(self, grid: Grid, strategy: FedAvg, config: FederatedConfig, run: RunDirectory) -> PooledEvaluation | None:
+        """Score the model by EVALUATE messages of its own, record the round, and return its evaluation."""
+        scoring = evaluate_instructions(strategy, self.server_round, self.arrays, grid, config)
+        _, replies, exchanged = exchange(grid, [], scoring, config)
+        pooling = time.perf_counter()
+        evaluation = pool_replies(replies, config.classes)
+        self.timing = self.timing.with_evaluate_exchange(exchanged, time.perf_counter() - pooling)
+        self.record(run, evaluation)
+        return evaluation
+
+
 def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> None:
     """The remaining rounds of `run`, then the final test evaluation of its best model."""
     # Nodes are expected to be connected when a run starts (they are asked for their declarations now).
@@ -385,7 +462,8 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
     if config.class_weighting:
         train_config["class-weights"] = federation_class_weights(declarations, len(config.classes))
     evaluation: PooledEvaluation | None = None
-    held: dict[int, str] = {}  # node -> digest of the global model it kept from the last evaluation
+    # The round trained last, its model not yet scored: the next round's TRAIN messages carry that.
+    unscored: ScoredLater | None = None
     for server_round in range(run.completed_rounds + 1, config.num_server_rounds + 1):
         log.info("round %d of %d", server_round, config.num_server_rounds)
         started = time.perf_counter()
@@ -398,48 +476,40 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         instructions = encoded_instructions(configured, arrays, config)
         newcomers = {message.metadata.dst_node_id for message in instructions} - set(declarations)
         declarations |= collect_declarations(grid, sorted(newcomers), config)  # nodes that joined since
-        from_held: list[int] = []
-        train_sent = time.time()
         if config.secure_aggregation:  # the replies hold only the sites' sum (server/secure_aggregation.py)
+            sent = time.time()
             train_replies = train_securely(grid, instructions, config, declarations)
-            train_waits = (0.0, 0.0)  # its replies are made at the server, after the protocol's rounds
+            exchanged = ExchangeTiming.of(train_replies, sent, time.time(), waits_known=False)
         else:
-            train_replies, from_held = send_training(grid, instructions, held, config)
-            train_waits = exchange_waits(train_replies, train_sent, time.time(), "train-seconds")
+            scoring = [] if unscored is None else evaluate_instructions(strategy, unscored.server_round, unscored.arrays,
+                                                                         grid, config)
+            train_replies, evaluation_replies, exchanged = exchange(grid, instructions, scoring, config)
+        pooling = time.perf_counter()
+        if unscored is not None:
+            evaluation = pool_replies(evaluation_replies, config.classes)
+            unscored.record(run, evaluation)
+        pool_seconds = time.perf_counter() - pooling
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
         aggregated = time.perf_counter()
         trained.privacy = reported_privacy(train_replies)
-        trained.from_held_model = from_held
         if trained.arrays is not None:
             arrays = trained.arrays
-        instructions = encoded_instructions(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "val"}), grid), arrays, config
-        )
-        # The next round trains from this model: sites keep it rather than receive it twice (not
-        # under SecAgg+, whose protocol carries the model in its own legacy messages).
-        holding = server_round < config.num_server_rounds and not config.secure_aggregation
-        digest = _holding_evaluated_model(instructions) if holding else ""
-        eval_sent = time.time()
-        evaluate_replies = grid.send_and_receive(instructions, timeout=config.round_timeout)
-        eval_waits = exchange_waits(evaluate_replies, eval_sent, time.time(), "eval-seconds")
-        held = {reply.metadata.src_node_id: digest for reply in evaluate_replies if holding and not reply.has_error()}
-        pooling = time.perf_counter()
-        evaluation = pool_replies(evaluate_replies, config.classes)
         timing = RoundTiming(
             round_seconds=time.perf_counter() - started,
             aggregate_seconds=aggregated - aggregating,
-            pool_seconds=time.perf_counter() - pooling,
-            slowest_train_seconds=max(_reported(train_replies, "train-seconds"), default=0.0),
-            slowest_eval_seconds=max(_reported(evaluate_replies, "eval-seconds"), default=0.0),
-            sites_train_seconds=sum(_reported(train_replies, "train-seconds")),
-            sites_eval_seconds=sum(_reported(evaluate_replies, "eval-seconds")),
-            slowest_train_delivery_seconds=train_waits[0],
-            train_collect_seconds=train_waits[1],
-            slowest_eval_delivery_seconds=eval_waits[0],
-            eval_collect_seconds=eval_waits[1],
+            pool_seconds=pool_seconds,
+            slowest_site_seconds=exchanged.slowest_site_seconds,
+            sites_seconds=exchanged.sites_seconds,
+            slowest_delivery_seconds=exchanged.slowest_delivery_seconds,
+            collect_seconds=exchanged.collect_seconds,
         )
-        run.record_round(server_round, arrays, trained, evaluation, optimiser_state(strategy), timing)
+        unscored = ScoredLater(server_round, arrays, trained, optimiser_state(strategy), timing)
+        if config.secure_aggregation or server_round == config.num_server_rounds:
+            evaluation = unscored.score(grid, strategy, config, run)
+            unscored = None
+    if unscored is not None:  # training stopped early (the privacy budget): score what it reached
+        evaluation = unscored.score(grid, strategy, config, run)
     run.write_plots(evaluation)
     best = run.best_arrays()
     if best is None:

@@ -215,6 +215,8 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Loop
         replies = [e for e in entries if e["event"] == "reply"]
         train = [e for e in replies if e["kind"] == "train"]
         assert [e["round"] for e in train] == [1, 2], name
+        # Round 1's model scored in round 2's TRAIN message, round 2's in its own, then the final test.
+        assert [e["round"] for e in replies if e["kind"] == "evaluate"] == [1, 2, 2], name
         assert {e["kind"] for e in replies} == {"query", "train", "evaluate"}
         # The one query: the site's declaration of its training data when it joined the run.
         assert [(e["round"], e["metric_keys"]["metrics"]) for e in replies if e["kind"] == "query"] == [
@@ -226,9 +228,10 @@ def test_two_rounds_on_three_hospitals_complete_and_are_audited(federation: Loop
             digests_by_round.setdefault(entry["round"], set()).add(entry["arrays"]["arrays"]["sha256"])
     # Each site trained on its own data, so the three updates of a round differ.
     assert all(len(digests) == len(HOSPITALS) for digests in digests_by_round.values())
-    # Round 2 trained from the model each SuperNode kept from round 1's evaluation (context.state).
+    # One message per site carried round 2's training and round 1's evaluation.
     history = json.loads((run_dir / "metrics.json").read_text())
-    assert [record["trained-from-held-model"] for record in history] == [0, len(HOSPITALS)]
+    assert [record["timing"]["evaluate-exchange-seconds"] > 0 for record in history] == [False, True]
+    assert all(not record["rejected-evaluations"] for record in history)
 
     for name, process in nodes.items():  # SIGTERM is enough: no SuperNode needs killing
         assert fed.processes.stop(process) != -signal.SIGKILL, name

@@ -17,7 +17,9 @@ from sklearn.metrics import roc_auc_score
 from pneumofed.client.app import train_locally
 from pneumofed.common.data.site import load_site
 from pneumofed.common.federation.audit import array_digest, read_audit
+from pneumofed.common.federation.carried_evaluation import EVALUATE_FIRST, EVALUATION, EVALUATION_REFUSED
 from pneumofed.common.federation.config import FederatedConfig
+from pneumofed.common.federation.exchange import exchanged_state
 from pneumofed.common.federation.pooling import PooledEvaluation
 from pneumofed.common.learning import training
 from pneumofed.common.learning.models import build_model
@@ -28,6 +30,7 @@ from pneumofed.server.outputs import RunDirectory
 from pneumofed.server.rounds import (
     aggregate_train_round,
     collect_declarations,
+    encoded_instructions,
     exchange_waits,
     initial_arrays,
     pool_replies,
@@ -239,54 +242,66 @@ METRIC_KEYS_EVALUATE_FIXED = {"num-examples", "eval-loss", "eval-accuracy", "con
 
 
 def test_every_reply_a_client_sends_holds_only_model_arrays_and_whitelisted_metrics(synthetic_sites, tmp_path, flower_identity):
-    _, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 1}))
+    _, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
     model_state = floating_state(build_model("shufflenet_v2_eca", 3, width=0.5))
 
-    assert grid.replies, "the run sent no messages"
+    kinds = [reply.metadata.message_type for reply in grid.replies]
+    assert MessageType.TRAIN in kinds and MessageType.EVALUATE in kinds and MessageType.QUERY in kinds
     for reply in grid.replies:
         content = reply.content
-        [metrics] = content.metric_records.values()
         if reply.metadata.message_type == MessageType.TRAIN:
             [arrays] = content.array_records.values()
             assert {name: tuple(a.shape) for name, a in arrays.items()} == {
                 name: tuple(t.shape) for name, t in model_state.items()
             }
-            assert set(metrics) == METRIC_KEYS_TRAIN
-            assert not content.config_records
+            assert set(content["metrics"]) == METRIC_KEYS_TRAIN
+            if EVALUATION in content:  # round 2 carries the score of round 1's model
+                _assert_only_summarised_scores(content[EVALUATION], content)
+            else:
+                assert set(content) == {"arrays", "metrics"}
         elif reply.metadata.message_type == MessageType.QUERY:
-            assert not content.array_records and not content.config_records
-            assert set(metrics) == {"num-examples", "class-counts"}
+            assert set(content) == {"metrics"} and set(content["metrics"]) == {"num-examples", "class-counts"}
         else:
             assert not content.array_records
-            summary_keys = set(metrics) - METRIC_KEYS_EVALUATE_FIXED
-            assert summary_keys == {"scores-bins", "scores-min-count"} | {f"scores-{k}" for k in range(len(CLASSES))}
-            assert set(content.config_records) == {"site"} and set(content["site"]) == {"name", "share-site-auc"}
-            _assert_no_reported_score_singles_out_a_roi(metrics)
-        for value in metrics.values():
-            assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), "scores must be counted, not listed"
+            _assert_only_summarised_scores(content["metrics"], content)
+        for metrics in content.metric_records.values():
+            for value in metrics.values():
+                assert isinstance(value, (int, float)) or all(isinstance(v, int) for v in value), "scores must be counted, not listed"
+
+
+def _assert_only_summarised_scores(metrics, content) -> None:
+    summary_keys = set(metrics) - METRIC_KEYS_EVALUATE_FIXED
+    assert summary_keys == {"scores-bins", "scores-min-count"} | {f"scores-{k}" for k in range(len(CLASSES))}
+    assert set(content.config_records) == {"site"} and set(content["site"]) == {"name", "share-site-auc"}
+    _assert_no_reported_score_singles_out_a_roi(metrics)
 
 
 def test_each_round_records_where_its_time_went(synthetic_sites, tmp_path, flower_identity):
     run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
     history = json.loads((run.path / "metrics.json").read_text())
-    reported = {kind: [float(m[f"{kind}-seconds"]) for r in grid.replies for m in r.content.metric_records.values()
-                       if f"{kind}-seconds" in m] for kind in ("train", "eval")}
-    assert len(reported["train"]) == 2 * len(synthetic_sites) and min(reported["train"]) > 0
-    for record in history:
-        timing = record["timing"]
-        assert timing["slowest-train-seconds"] in reported["train"]
-        assert timing["slowest-eval-seconds"] in reported["eval"]
+    # A site's compute in a message: its training and the evaluation the message carried, if any.
+    compute = [sum(float(m[key]) for m in r.content.metric_records.values() for key in ("train-seconds", "eval-seconds")
+                   if key in m) for r in grid.replies if r.metadata.message_type != MessageType.QUERY]
+    # Per site: train, train + evaluate, evaluate (the last model), evaluate (the final test).
+    assert len(compute) == 4 * len(synthetic_sites) and min(compute) > 0
+    rounds = [record["timing"] for record in history]
+    for timing in rounds:
         # In one process the sites run one after another: the round lasts at least their sum.
-        assert timing["round-seconds"] >= timing["slowest-train-seconds"] + timing["slowest-eval-seconds"]
-        assert timing["overhead-seconds"] == pytest.approx(
-            timing["round-seconds"] - timing["slowest-train-seconds"] - timing["slowest-eval-seconds"])
+        assert timing["round-seconds"] >= timing["sites-seconds"] >= timing["slowest-site-seconds"] > 0
+        assert timing["overhead-seconds"] == pytest.approx(timing["round-seconds"] - timing["slowest-site-seconds"])
         assert 0 < timing["aggregate-seconds"] < timing["round-seconds"] and timing["record-seconds"] > 0
         # One after another: a site's handler starts once the sites before it are done, so the last
         # site waited at least the others' compute (their loading and set-up come on top of it).
-        for phase in ("train", "eval"):
-            others = timing[f"sites-{phase}-seconds"] - timing[f"slowest-{phase}-seconds"]
-            assert others - 0.01 <= timing[f"slowest-{phase}-delivery-seconds"] < timing["round-seconds"]
-            assert 0 <= timing[f"{phase}-collect-seconds"] < timing["round-seconds"]
+        others = timing["sites-seconds"] - timing["slowest-site-seconds"]
+        assert others - 0.01 <= timing["slowest-delivery-seconds"] < timing["round-seconds"]
+        assert 0 <= timing["collect-seconds"] < timing["round-seconds"]
+    # Round 1's model is scored by round 2's TRAIN messages; only the last round has EVALUATE ones.
+    assert rounds[0]["evaluate-exchange-seconds"] == 0
+    assert 0 < rounds[1]["evaluate-exchange-seconds"] < rounds[1]["round-seconds"]
+    # A site's compute in one message is its training and the evaluation the message carried.
+    by_message = [compute[i:i + len(synthetic_sites)] for i in range(0, len(compute), len(synthetic_sites))]
+    assert rounds[0]["slowest-site-seconds"] == pytest.approx(max(by_message[0]))
+    assert rounds[1]["slowest-site-seconds"] == pytest.approx(max(by_message[1]) + max(by_message[2]))
 
 
 def test_an_exchanges_waits_are_the_slowest_delivery_beyond_compute_and_the_collection_after_the_last_reply(
@@ -301,8 +316,8 @@ def test_an_exchanges_waits_are_the_slowest_delivery_beyond_compute_and_the_coll
         reply.metadata.created_at = made
         replies.append(reply)
     replies.append(Message(Error(ErrorCode.UNKNOWN, "failed"), reply_to=instructions[0]))
-    assert exchange_waits(replies, 100.0, 108.0, "train-seconds") == pytest.approx((6.0, 1.0))
-    assert exchange_waits(replies[-1:], 100.0, 108.0, "train-seconds") == (0.0, 0.0)
+    assert exchange_waits(replies, 100.0, 108.0) == pytest.approx((6.0, 1.0))
+    assert exchange_waits(replies[-1:], 100.0, 108.0) == (0.0, 0.0)
 
 
 def _assert_no_reported_score_singles_out_a_roi(metrics) -> None:
@@ -334,44 +349,61 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(synthetic_si
         torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-6)
 
 
-def _carrying_arrays(grid: RecordingGrid, kind: str) -> list[bool]:
-    return [bool(m.content.array_records) for m in grid.instructions if m.metadata.message_type == kind]
+def test_each_site_gets_one_message_per_round_and_the_last_round_an_evaluation_of_its_own(synthetic_sites, tmp_path, flower_identity):
+    rounds, sites = 3, len(synthetic_sites)
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": rounds}))
 
-
-def test_after_the_first_round_each_site_receives_the_global_model_once_per_round(synthetic_sites, tmp_path, flower_identity):
-    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}))
-    sites = len(synthetic_sites)
-
-    # Round 2 trains from the model each site kept from round 1's evaluation.
-    assert _carrying_arrays(grid, MessageType.TRAIN) == [True] * sites + [False] * sites
-    assert all(_carrying_arrays(grid, MessageType.EVALUATE))
-    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN and not r.has_error()]
-    assert len(trained) == 2 * sites
+    trains = [m for m in grid.instructions if m.metadata.message_type == MessageType.TRAIN]
+    evaluates = [m for m in grid.instructions if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(trains) == rounds * sites and all(m.content.array_records for m in trains)
+    # Rounds 2 and 3 score the model they train from; the last model and the final test have their own.
+    assert [m.content["config"].get(EVALUATE_FIRST) for m in trains] == [None] * sites + ["val"] * (rounds - 1) * sites
+    assert [m.content["config"]["split"] for m in evaluates] == ["val"] * sites + ["test"] * sites
     history = json.loads((run.path / "metrics.json").read_text())
-    assert [record["rejected-updates"] for record in history] == [[], []]
-    assert [record["trained-from-held-model"] for record in history] == [0, sites]
+    assert [record["round"] for record in history] == [1, 2, 3]
+    assert all(not record["rejected-updates"] and not record["rejected-evaluations"] for record in history)
 
 
-def test_a_site_that_lost_the_model_it_kept_is_sent_it_and_trains_as_if_it_had_kept_it(synthetic_sites, tmp_path, flower_identity):
-    class ForgetfulGrid(RecordingGrid):  # node 100's SuperNode restarts after every evaluation
-        def handle(self, message):
-            content = super().handle(message)
-            if message.metadata.message_type == MessageType.EVALUATE:
-                self.states[100] = RecordDict()
-            return content
+def test_a_carried_evaluation_scores_the_model_as_an_evaluate_message_of_its_own_would(synthetic_sites, tmp_path, flower_identity):
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 2, "bn-mode": "fedbn"})
+    run, _ = federate(synthetic_sites, config_dict)
+    config = FederatedConfig.from_run_config(config_dict)
 
-    sites = synthetic_sites[:2]
-    kept, _ = federate(sites, run_config(tmp_path / "kept", **{"num-server-rounds": 2}))
-    forgetful = ForgetfulGrid(sites, run_config(tmp_path / "lost", **{"num-server-rounds": 2}))
-    lost = RunDirectory.open(FederatedConfig.from_run_config(forgetful.run_config), flower_run_id=1)
-    run_federation(forgetful, FederatedConfig.from_run_config(forgetful.run_config), lost)
+    # Round 1's model as it stood when round 2 began, with each site's BatchNorm of round 1 (fedbn).
+    saved = torch.load(run.path / "models" / "round-001.pt", weights_only=True)["state"]
+    round_1 = ArrayRecord({name: saved[name] for name in exchanged_state(config.build_model(), config.bn_mode)})
+    replay = RecordingGrid(synthetic_sites, config_dict)
+    one_round = FederatedConfig.from_run_config(run_config(tmp_path / "replay", **{"num-server-rounds": 1, "bn-mode": "fedbn"}))
+    run_federation(replay, one_round, RunDirectory.open(one_round, flower_run_id=2))  # the sites' state after round 1
+    messages = encoded_instructions(
+        [Message(RecordDict({"arrays": round_1, "config": ConfigRecord({"split": "val", "server-round": 1})}), node,
+                 MessageType.EVALUATE) for node in replay.get_node_ids()], round_1, config)
+    separate = pool_replies(replay.send_and_receive(messages), CLASSES)
+    carried = json.loads((run.path / "metrics.json").read_text())[0]
+    assert carried["macro_auc"] == pytest.approx(separate.report.macro_auc, abs=1e-9)
+    assert carried["eval-loss"] == pytest.approx(separate.loss, rel=1e-6)
 
-    round_2 = [m for m in forgetful.instructions if m.metadata.message_type == MessageType.TRAIN][len(sites):]
-    assert sorted((bool(m.content.array_records), m.metadata.dst_node_id) for m in round_2) == [
-        (False, 100), (False, 101), (True, 100)]
-    assert json.loads((lost.path / "metrics.json").read_text())[1]["trained-from-held-model"] == 1
-    for name, tensor in torch.load(kept.path / "models" / "round-002.pt", weights_only=True)["state"].items():
-        torch.testing.assert_close(torch.load(lost.path / "models" / "round-002.pt", weights_only=True)["state"][name], tensor)
+
+def test_a_site_that_refuses_the_carried_evaluation_still_trains_and_is_listed_as_not_scoring(synthetic_sites, tmp_path, flower_identity):
+    class TestOnlyGrid(RecordingGrid):  # node 101 lets the server score only its test part
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.node_configs[101] = self.node_configs[101] | {"evaluate-splits": "test"}
+
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 2})
+    grid = TestOnlyGrid(synthetic_sites, config_dict)
+    config = FederatedConfig.from_run_config(config_dict)
+    run = RunDirectory.open(config, flower_run_id=1)
+    run_federation(grid, config, run)
+
+    history = json.loads((run.path / "metrics.json").read_text())
+    for record in history:
+        [refused] = record["rejected-evaluations"]
+        assert refused["node"] == 101 and "evaluate-splits" in refused["reason"]
+        assert record["macro_auc"] is not None  # pooled over the other sites
+    assert [record["rejected-updates"] for record in history] == [[], []]  # its training was used
+    round_2 = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN][len(synthetic_sites):]
+    assert {r.metadata.src_node_id for r in round_2 if EVALUATION_REFUSED in r.content} == {101}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
