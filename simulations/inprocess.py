@@ -63,7 +63,7 @@ class InProcessGrid:
             return answer_query(message.content["config"], self.run_config, self.node_configs[node], self.states[node])
         if kind in (MessageType.TRAIN, MessageType.EVALUATE):
             # Through the ClientApp itself, as a SuperNode delivers it: its mods (secure aggregation,
-            # site-level DP, the held global model) act on these messages, and may change the copy
+            # site-level DP, the evaluation a TRAIN carries) act on these messages, and may change the copy
             # each node receives (SecAgg+ sends every node one content object).
             context = Context(run_id=0, node_id=node, node_config=self.node_configs[node], state=self.states[node],
                               run_config=self.run_config)
