@@ -40,10 +40,11 @@ def reply_bytes(model_name: str, classes: int, eval_rois: int) -> dict[str, int]
     histogram_values = sum(len(v) if isinstance(v, list) else 1 for v in ScoreSummary.from_scores(labels, probs).to_flat().values())
     evaluate_reply = 8 * (histogram_values + classes * classes + 4)
     return {
-        # From round 2 the train instruction names the model the site kept from the evaluation.
-        "received (evaluate instruction; round 1: train too)": arrays,
-        "sent (train reply)": arrays + 8 * 3,
-        "sent (evaluate reply)": evaluate_reply,
+        # One message per round: the train instruction carries the model, and from round 2 its reply
+        # the evaluation of that model (the last round's model has an evaluate message of its own).
+        "received (train instruction)": arrays,
+        "sent (train reply)": arrays + 8 * 4,
+        "sent (evaluation, in the train reply from round 2)": evaluate_reply,
     }
 
 

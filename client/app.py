@@ -107,16 +107,19 @@ def evaluation_before_training_mod(msg: Message, context: Context, call_next: Cl
     evaluated_round = int(config["server-round"]) - 1
     instruction = ConfigRecord({"split": config[EVALUATE_FIRST], "server-round": evaluated_round})
     try:
+        if FederatedConfig.from_run_config(context.run_config).bn_mode != "shared" and LOCAL_BATCHNORM not in context.state:
+            raise PermissionError("this site has no BatchNorm of its own yet (it joined or restarted since the model "
+                                  "was trained): it scores the models it has trained with")
         evaluation = evaluate_locally(msg.content["arrays"], instruction, context.run_config, context.node_config,
                                       context.state)
         carried = RecordDict({EVALUATION: evaluation["metrics"], "site": evaluation["site"]})
-    except PermissionError as refusal:  # the site's evaluation policy: its training goes on
-        evaluation, carried = None, RecordDict({EVALUATION_REFUSED: ConfigRecord({"reason": str(refusal)})})
+    except Exception as failure:  # noqa: BLE001 - a failed evaluation must not cost the site its update
+        reason = str(failure) if isinstance(failure, PermissionError) else f"{type(failure).__name__}: {failure}"
+        evaluation = carried = RecordDict({EVALUATION_REFUSED: ConfigRecord({"reason": reason})})
     reply = call_next(msg, context)
-    if reply.has_error():
+    if reply.has_error():  # the server scores this site by an EVALUATE message of its own
         return reply
-    if evaluation is not None:
-        _audit_reply(context, evaluated_round, MessageType.EVALUATE, evaluation)
+    _audit_reply(context, evaluated_round, MessageType.EVALUATE, evaluation)
     return Message(RecordDict({**reply.content, **carried}), reply_to=msg)
 
 

@@ -336,16 +336,21 @@ def exchange(
     sent_at = time.time()
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout)) if sent else []
     timing = ExchangeTiming.of(replies, sent_at, time.time())
-    train_replies, evaluation_replies = [], []
+    train_replies, evaluation_replies, unscored = [], [], []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.metadata.message_type == MessageType.EVALUATE:
             evaluation_replies.append(reply)
-            continue
-        carried = node in scoring
-        train_replies.append(reply if reply.has_error() or not carried else _part(reply, exclude=CARRIED_RECORDS))
-        if carried:
-            evaluation_replies.append(reply if reply.has_error() else _carried_evaluation(reply))
+        elif node not in scoring:
+            train_replies.append(reply)
+        elif reply.has_error():  # its training failed, and with it the evaluation the reply would carry
+            train_replies.append(reply)
+            unscored.append(scoring[node])
+        else:
+            train_replies.append(_part(reply, exclude=CARRIED_RECORDS))
+            evaluation_replies.append(_carried_evaluation(reply))
+    if unscored:
+        evaluation_replies += grid.send_and_receive(unscored, timeout=config.round_timeout)
     return train_replies, evaluation_replies, timing
 
 
@@ -392,7 +397,7 @@ def pool_replies(replies: Iterable[Message], class_names: list[str]) -> PooledEv
         if reply.has_error():
             problem = f"the node replied with an error: {reply.error.reason}"
         elif EVALUATION_REFUSED in reply.content:
-            problem = f"the node refused: {reply.content[EVALUATION_REFUSED].get('reason', '')}"
+            problem = f"the node sent no evaluation: {reply.content[EVALUATION_REFUSED].get('reason', '')}"
         else:
             problem = evaluation_problem(reply.content, len(class_names))
         if problem is None:
@@ -487,7 +492,6 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
         pooling = time.perf_counter()
         if unscored is not None:
             evaluation = pool_replies(evaluation_replies, config.classes)
-            unscored.record(run, evaluation)
         pool_seconds = time.perf_counter() - pooling
         aggregating = time.perf_counter()
         trained = aggregate_train_round(strategy, server_round, arrays, train_replies, config, declarations)
@@ -504,7 +508,10 @@ def run_federation(grid: Grid, config: FederatedConfig, run: RunDirectory) -> No
             slowest_delivery_seconds=exchanged.slowest_delivery_seconds,
             collect_seconds=exchanged.collect_seconds,
         )
-        unscored = ScoredLater(server_round, arrays, trained, optimiser_state(strategy), timing)
+        if unscored is not None:  # after this round's timing, as the last round's recording is after its own
+            unscored.record(run, evaluation)
+        # A copy: the optimiser takes the next round's step before this round is recorded.
+        unscored = ScoredLater(server_round, arrays, trained, copy.deepcopy(optimiser_state(strategy)), timing)
         if config.secure_aggregation or server_round == config.num_server_rounds:
             evaluation = unscored.score(grid, strategy, config, run)
             unscored = None

@@ -406,6 +406,48 @@ def test_a_site_that_refuses_the_carried_evaluation_still_trains_and_is_listed_a
     assert {r.metadata.src_node_id for r in round_2 if EVALUATION_REFUSED in r.content} == {101}
 
 
+def test_a_site_whose_training_fails_is_scored_by_an_evaluate_message_of_its_own(synthetic_sites, tmp_path, flower_identity):
+    class FailingGrid(RecordingGrid):  # node 101's training fails in round 2, before its evaluation is sent
+        def handle(self, message):
+            config = message.content["config"]
+            if message.metadata.message_type == MessageType.TRAIN and message.metadata.dst_node_id == 101 \
+                    and config["server-round"] == 2:
+                raise RuntimeError("out of memory")
+            return super().handle(message)
+
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 2})
+    grid = FailingGrid(synthetic_sites, config_dict)
+    config = FederatedConfig.from_run_config(config_dict)
+    run = RunDirectory.open(config, flower_run_id=1)
+    run_federation(grid, config, run)
+
+    round_1 = json.loads((run.path / "metrics.json").read_text())[0]
+    assert round_1["rejected-evaluations"] == [] and round_1["macro_auc"] is not None
+    resent = [m for m in grid.instructions if m.metadata.message_type == MessageType.EVALUATE
+              and m.metadata.dst_node_id == 101 and m.content["config"]["server-round"] == 1]
+    assert len(resent) == 1
+
+
+def test_under_fedbn_a_site_without_batchnorm_of_its_own_does_not_score_the_model_with_initial_statistics(
+        synthetic_sites, tmp_path, flower_identity):
+    class RestartingGrid(RecordingGrid):  # node 100's SuperNode restarts after round 1: its state is gone
+        def handle(self, message):
+            if message.metadata.message_type == MessageType.TRAIN and message.content["config"]["server-round"] == 2:
+                self.states[100] = RecordDict()
+            return super().handle(message)
+
+    config_dict = run_config(tmp_path, **{"num-server-rounds": 2, "bn-mode": "fedbn"})
+    grid = RestartingGrid(synthetic_sites, config_dict)
+    config = FederatedConfig.from_run_config(config_dict)
+    run = RunDirectory.open(config, flower_run_id=1)
+    run_federation(grid, config, run)
+
+    history = json.loads((run.path / "metrics.json").read_text())
+    [refused] = history[0]["rejected-evaluations"]
+    assert refused["node"] == 100 and "no BatchNorm of its own" in refused["reason"]
+    assert history[1]["rejected-updates"] == [] and history[1]["rejected-evaluations"] == []  # it trained, then scored
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_keeps_the_global_model_in_the_sites_dtypes_so_later_rounds_are_accepted(name, synthetic_sites, tmp_path, flower_identity):
     run, _ = federate(synthetic_sites[:2], run_config(tmp_path, strategy=name, **{"num-server-rounds": 2}))
