@@ -284,12 +284,17 @@ def _weighing_one(reply: Message) -> Message:
     """`reply` with weight 1 in aggregation (site-level DP; errors stay as they are)."""
     if reply.has_error():
         return reply
-    weighed = copy.copy(reply)
-    weighed.content = RecordDict({
+    return _with_content(reply, RecordDict({
         key: MetricRecord({**record, UNIFORM_WEIGHT: 1}) if isinstance(record, MetricRecord) else record
         for key, record in reply.content.items()
-    })
-    return weighed
+    }))
+
+
+def _with_content(reply: Message, content: RecordDict) -> Message:
+    """A copy of `reply` (its metadata) with `content`: the grid's reply stays as it arrived (what the site sent)."""
+    copied = copy.copy(reply)
+    copied.content = content
+    return copied
 
 
 def _decoded(reply: Message, global_arrays: ArrayRecord, config: FederatedConfig, statistics: frozenset[str]) -> Message:
@@ -300,13 +305,11 @@ def _decoded(reply: Message, global_arrays: ArrayRecord, config: FederatedConfig
     the site trained from: the global model then keeps accumulating updates smaller than one
     int8 step, which re-quantising it every round would otherwise discard.
     """
-    decoded = copy.copy(reply)  # the grid's reply stays as it arrived (what the site sent)
-    decoded.content = RecordDict({
+    return _with_content(reply, RecordDict({
         key: decode_arrays(record, config.update_encoding, statistics=statistics, reference=global_arrays)
         if isinstance(record, ArrayRecord) else record
         for key, record in reply.content.items()
-    })
-    return decoded
+    }))
 
 
 def encoded_instructions(messages: Iterable[Message], arrays: ArrayRecord, config: FederatedConfig) -> list[Message]:
@@ -336,7 +339,7 @@ def exchange(
     sent_at = time.time()
     replies = list(grid.send_and_receive(sent, timeout=config.round_timeout)) if sent else []
     timing = ExchangeTiming.of(replies, sent_at, time.time())
-    train_replies, evaluation_replies, unscored = [], [], []
+    train_replies, evaluation_replies, evaluate_apart = [], [], []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.metadata.message_type == MessageType.EVALUATE:
@@ -345,36 +348,26 @@ def exchange(
             train_replies.append(reply)
         elif reply.has_error():  # its training failed, and with it the evaluation the reply would carry
             train_replies.append(reply)
-            unscored.append(scoring[node])
+            evaluate_apart.append(scoring[node])
         else:
-            train_replies.append(_part(reply, exclude=CARRIED_RECORDS))
-            evaluation_replies.append(_carried_evaluation(reply))
-    if unscored:
-        evaluation_replies += grid.send_and_receive(unscored, timeout=config.round_timeout)
+            carried = {key: record for key, record in reply.content.items() if key in CARRIED_RECORDS}
+            train_replies.append(_with_content(reply, RecordDict({
+                key: record for key, record in reply.content.items() if key not in carried})))
+            # Shaped as an EVALUATE reply: `pool_replies` reads both.
+            evaluation_replies.append(_with_content(reply, RecordDict({CARRIED_RECORDS[key]: record
+                                                                       for key, record in carried.items()})))
+    if evaluate_apart:
+        evaluation_replies += grid.send_and_receive(evaluate_apart, timeout=config.round_timeout)
     return train_replies, evaluation_replies, timing
 
 
-CARRIED_RECORDS = (EVALUATION, EVALUATION_REFUSED, "site")
+# The records a TRAIN reply carries its evaluation in, by the names an EVALUATE reply gives them.
+CARRIED_RECORDS = {EVALUATION: "metrics", "site": "site", EVALUATION_REFUSED: EVALUATION_REFUSED}
 
 
 def _evaluating_first(training: Message, evaluating: Message) -> Message:
     config = ConfigRecord({**training.content["config"], EVALUATE_FIRST: evaluating.content["config"]["split"]})
     return Message(RecordDict({**training.content, "config": config}), training.metadata.dst_node_id, MessageType.TRAIN)
-
-
-def _part(reply: Message, *, exclude: Iterable[str] = (), include: Mapping[str, str] | None = None) -> Message:
-    """A copy of `reply` with its records less `exclude`, or only those `include` names (as renamed there)."""
-    part = copy.copy(reply)  # the grid's reply stays as it arrived (what the site sent)
-    if include is None:
-        part.content = RecordDict({key: record for key, record in reply.content.items() if key not in exclude})
-    else:
-        part.content = RecordDict({new: reply.content[old] for old, new in include.items() if old in reply.content})
-    return part
-
-
-def _carried_evaluation(reply: Message) -> Message:
-    """The evaluation a TRAIN reply carries, shaped as an EVALUATE reply (`pool_replies` reads both)."""
-    return _part(reply, include={EVALUATION: "metrics", "site": "site", EVALUATION_REFUSED: EVALUATION_REFUSED})
 
 
 def _in_dtypes_of(reference: Mapping[str, np.ndarray], arrays: ArrayRecord) -> ArrayRecord:
