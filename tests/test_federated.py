@@ -76,9 +76,9 @@ def run_config(tmp_path: Path, **overrides) -> dict:
     return FederatedConfig.model_validate(SMALL_RUN | {"run-dir": str(tmp_path / "run")} | overrides).to_run_config()
 
 
-def federate(sites, config_dict, tamper=None, tamper_evaluate=None) -> tuple[RunDirectory, RecordingGrid]:
+def federate(sites, config_dict, tamper=None, tamper_evaluate=None, grid_class=None) -> tuple[RunDirectory, RecordingGrid]:
     config = FederatedConfig.from_run_config(config_dict)
-    grid = RecordingGrid(sites, config_dict, tamper, tamper_evaluate)
+    grid = (grid_class or RecordingGrid)(sites, config_dict, tamper, tamper_evaluate)
     run = RunDirectory.open(config, flower_run_id=1)
     run_federation(grid, config, run)
     return run, grid
@@ -372,9 +372,8 @@ def test_a_carried_evaluation_scores_the_model_as_an_evaluate_message_of_its_own
     # Round 1's model as it stood when round 2 began, with each site's BatchNorm of round 1 (fedbn).
     saved = torch.load(run.path / "models" / "round-001.pt", weights_only=True)["state"]
     round_1 = ArrayRecord({name: saved[name] for name in exchanged_state(config.build_model(), config.bn_mode)})
-    replay = RecordingGrid(synthetic_sites, config_dict)
-    one_round = FederatedConfig.from_run_config(run_config(tmp_path / "replay", **{"num-server-rounds": 1, "bn-mode": "fedbn"}))
-    run_federation(replay, one_round, RunDirectory.open(one_round, flower_run_id=2))  # the sites' state after round 1
+    # The sites' state after round 1: the same round again, in a run of one round.
+    _, replay = federate(synthetic_sites, run_config(tmp_path / "replay", **{"num-server-rounds": 1, "bn-mode": "fedbn"}))
     messages = encoded_instructions(
         [Message(RecordDict({"arrays": round_1, "config": ConfigRecord({"split": "val", "server-round": 1})}), node,
                  MessageType.EVALUATE) for node in replay.get_node_ids()], round_1, config)
@@ -390,11 +389,7 @@ def test_a_site_that_refuses_the_carried_evaluation_still_trains_and_is_listed_a
             super().__init__(*args)
             self.node_configs[101] = self.node_configs[101] | {"evaluate-splits": "test"}
 
-    config_dict = run_config(tmp_path, **{"num-server-rounds": 2})
-    grid = TestOnlyGrid(synthetic_sites, config_dict)
-    config = FederatedConfig.from_run_config(config_dict)
-    run = RunDirectory.open(config, flower_run_id=1)
-    run_federation(grid, config, run)
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}), grid_class=TestOnlyGrid)
 
     history = json.loads((run.path / "metrics.json").read_text())
     for record in history:
@@ -415,11 +410,7 @@ def test_a_site_whose_training_fails_is_scored_by_an_evaluate_message_of_its_own
                 raise RuntimeError("out of memory")
             return super().handle(message)
 
-    config_dict = run_config(tmp_path, **{"num-server-rounds": 2})
-    grid = FailingGrid(synthetic_sites, config_dict)
-    config = FederatedConfig.from_run_config(config_dict)
-    run = RunDirectory.open(config, flower_run_id=1)
-    run_federation(grid, config, run)
+    run, grid = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2}), grid_class=FailingGrid)
 
     round_1 = json.loads((run.path / "metrics.json").read_text())[0]
     assert round_1["rejected-evaluations"] == [] and round_1["macro_auc"] is not None
@@ -436,11 +427,8 @@ def test_under_fedbn_a_site_without_batchnorm_of_its_own_does_not_score_the_mode
                 self.states[100] = RecordDict()
             return super().handle(message)
 
-    config_dict = run_config(tmp_path, **{"num-server-rounds": 2, "bn-mode": "fedbn"})
-    grid = RestartingGrid(synthetic_sites, config_dict)
-    config = FederatedConfig.from_run_config(config_dict)
-    run = RunDirectory.open(config, flower_run_id=1)
-    run_federation(grid, config, run)
+    run, _ = federate(synthetic_sites, run_config(tmp_path, **{"num-server-rounds": 2, "bn-mode": "fedbn"}),
+                      grid_class=RestartingGrid)
 
     history = json.loads((run.path / "metrics.json").read_text())
     [refused] = history[0]["rejected-evaluations"]
